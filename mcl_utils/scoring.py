@@ -1,0 +1,312 @@
+"""Per-sample scoring: summed NLL in nats for every sample, comparable across tokenizers, resumable."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import mcl_utils
+from mcl_utils.corpus import Corpus
+from mcl_utils.errors import UserError
+from mcl_utils.models import (LoadedModel, card_dict, load_model, model_identity, parse_spec, resolve_device,
+                              resolve_dtype)
+from mcl_utils.store import cache_key, check_losses, loss_table_path, read_provenance, write_loss_table
+
+# Bump when a change to this module can change any number it writes: every cached table is then rescored.
+SCORER_VERSION = "1"
+# What the numbers depend on besides the model, the corpus and the dtype (goes into the cache key).
+CONVENTIONS = {
+    "tokenize": "raw text, no special tokens",
+    "prefix": "one unscored BOS token, else EOS",
+    "windows": "lm-eval rolling windows, context_len=1",
+    "log_softmax": "float32",
+    "reduction": "sum over scored tokens, float64",
+}
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How to score: context cap, batch token budget, device and dtype ('auto' picks for the hardware)."""
+
+    max_length: int | None = None  # tokens per window; None means the model's context length
+    batch_tokens: int | None = None  # padded tokens per batch; None picks from the vocabulary size
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One forward pass's worth of one sample: tokens[:-1] go in, the last n_pred targets are scored."""
+
+    sample: int
+    window: int
+    tokens: tuple[int, ...]
+    n_pred: int
+
+
+def rolling_windows(tokens: Sequence[int], prefix_id: int, max_length: int) -> list[tuple[list[int], int]]:
+    """Split a token list into lm-eval's disjoint rolling windows: (window tokens incl. target, n_pred)."""
+    tokens = list(tokens)
+    n = len(tokens)
+    first = min(max_length, n)
+    windows = [([prefix_id] + tokens[:first], first)]
+    done = first
+    while done < n:
+        k = min(n - done, max_length)
+        end = done + k
+        windows.append((tokens[max(0, end - max_length - 1):end], k))
+        done = end
+    return windows
+
+
+def make_rows(token_lists: Sequence[Sequence[int]], prefix_id: int, max_length: int,
+              sample_ids: Sequence[str], model_name: str) -> list[Row]:
+    """All windows of all samples; a sample without tokens is an error naming it."""
+    rows = []
+    for i, toks in enumerate(token_lists):
+        if not toks:
+            raise UserError(f"sample {sample_ids[i]!r} has no tokens under {model_name}; "
+                            "fix: drop empty samples from the corpus")
+        for w, (seq, n_pred) in enumerate(rolling_windows(toks, prefix_id, max_length)):
+            rows.append(Row(i, w, tuple(seq), n_pred))
+    return rows
+
+
+def plan_batches(rows: Sequence[Row], batch_tokens: int) -> list[list[int]]:
+    """Group row indices into batches sorted by length (longest first) under a padded-token budget."""
+    order = sorted(range(len(rows)), key=lambda r: (-len(rows[r].tokens), rows[r].sample, rows[r].window))
+    batches: list[list[int]] = []
+    for r in order:
+        if batches and (len(batches[-1]) + 1) * (len(rows[batches[-1][0]].tokens) - 1) <= batch_tokens:
+            batches[-1].append(r)  # rows come longest first, so the batch's first row sets its width
+        else:
+            batches.append([r])
+    return batches
+
+
+def default_batch_tokens(vocab_size: int, device: torch.device, dtype: torch.dtype) -> int:
+    """A padded-token budget that keeps the logits of one batch near 1 GiB (CPU) or 8 GiB (GPU)."""
+    budget_bytes = (8 << 30) if device.type == "cuda" else (1 << 30)
+    itemsize = torch.finfo(dtype).bits // 8
+    return int(np.clip(budget_bytes // (vocab_size * itemsize), 256, 65536))
+
+
+@torch.inference_mode()
+def score_batch(loaded: LoadedModel, rows: Sequence[Row]) -> tuple[list[float], list[int]]:
+    """Summed NLL (nats, float64) and scored-token count of each row of one right-padded batch."""
+    width = max(len(r.tokens) for r in rows) - 1
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r.tokens) - 1] = torch.tensor(r.tokens[:-1])
+        mask[b, : len(r.tokens) - 1] = 1
+    logits = loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device),
+                          use_cache=False).logits
+    nll, counts = [], []
+    for b, r in enumerate(rows):
+        n_in = len(r.tokens) - 1
+        pred_logits = logits[b, n_in - r.n_pred: n_in].float()  # float32 log-softmax even for bf16 models
+        targets = torch.tensor(r.tokens[-r.n_pred:], device=pred_logits.device)
+        token_nll = F.cross_entropy(pred_logits, targets, reduction="none")
+        nll.append(float(token_nll.double().sum()))
+        counts.append(r.n_pred)
+    return nll, counts
+
+
+def score_rows(loaded: LoadedModel, rows: Sequence[Row], batches: Sequence[list[int]],
+               done: dict[int, tuple[list[float], list[int]]] | None = None,
+               on_batch: Callable[[int, list[float], list[int], float], None] | None = None,
+               progress: bool = True) -> dict[int, tuple[list[float], list[int]]]:
+    """Score every batch not already in `done`; call on_batch after each one (for checkpoints)."""
+    results = dict(done or {})
+    n_total = sum(rows[r].n_pred for batch in batches for r in batch)
+    n_done = sum(rows[r].n_pred for b in results for r in batches[b])
+    with tqdm(total=n_total, initial=n_done, unit="tok", unit_scale=True, desc=loaded.card.name,
+              disable=not progress, dynamic_ncols=True) as bar:
+        for b, batch in enumerate(batches):
+            if b in results:
+                continue
+            start = time.perf_counter()
+            nll, counts = score_batch(loaded, [rows[r] for r in batch])
+            results[b] = (nll, counts)
+            if on_batch is not None:
+                on_batch(b, nll, counts, time.perf_counter() - start)
+            bar.update(sum(counts))
+    return results
+
+
+def per_sample(rows: Sequence[Row], batches: Sequence[list[int]],
+               results: dict[int, tuple[list[float], list[int]]], n_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sum window results per sample, in window order (so the sum is the same however batches ran)."""
+    by_row: dict[int, tuple[float, int]] = {}
+    for b, batch in enumerate(batches):
+        nll, counts = results[b]
+        by_row.update({r: (x, c) for r, x, c in zip(batch, nll, counts)})
+    nll_nats = np.zeros(n_samples)
+    n_tokens = np.zeros(n_samples, dtype=np.int64)
+    for r in sorted(by_row, key=lambda r: (rows[r].sample, rows[r].window)):
+        nll_nats[rows[r].sample] += by_row[r][0]
+        n_tokens[rows[r].sample] += by_row[r][1]
+    return nll_nats, n_tokens
+
+
+def tokenize(loaded: LoadedModel, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of raw texts with no special tokens added."""
+    return loaded.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def score_texts(loaded: LoadedModel, texts: Sequence[str], max_length: int | None = None,
+                batch_tokens: int | None = None, progress: bool = False,
+                sample_ids: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL in nats and scored-token count per text (no caching: the core used by score_model)."""
+    sample_ids = sample_ids or [str(i) for i in range(len(texts))]
+    rows, batches, _ = _prepare(loaded, texts, sample_ids, max_length, batch_tokens)
+    results = score_rows(loaded, rows, batches, progress=progress)
+    return per_sample(rows, batches, results, len(texts))
+
+
+def _prepare(loaded: LoadedModel, texts: Sequence[str], sample_ids: Sequence[str], max_length: int | None,
+             batch_tokens: int | None) -> tuple[list[Row], list[list[int]], int]:
+    """Tokenize, cut into windows and plan batches; also return the batch token budget used."""
+    card = loaded.card
+    max_length = min(max_length or card.context_length, card.context_length)
+    param = next(loaded.model.parameters())
+    budget = batch_tokens or default_batch_tokens(card.vocab_size, loaded.device, param.dtype)
+    rows = make_rows(tokenize(loaded, texts), card.prefix_token_id, max_length, sample_ids, card.name)
+    return rows, plan_batches(rows, budget), budget
+
+
+# ---------------------------------------------------------------- cached, resumable scoring of a corpus
+
+
+def key_settings(settings: ScoringSettings) -> dict:
+    """The settings that can change the numbers, with 'auto' resolved for this machine."""
+    dtype = resolve_dtype(settings.dtype, resolve_device(settings.device))
+    return {"dtype": str(dtype).removeprefix("torch."), "max_length": settings.max_length, **CONVENTIONS}
+
+
+def _device_name(device: torch.device) -> str:
+    """A human-readable name of the device that scored."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+class Checkpoint:
+    """Completed batches of an interrupted run, one JSON line each, after a header with key and plan."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path = path
+        self.header = header
+
+    def load(self) -> tuple[dict[int, tuple[list[float], list[int]]], float]:
+        """Completed batches and their summed compute seconds; a torn last line is dropped."""
+        if not self.path.exists():
+            return {}, 0.0
+        lines = self.path.read_bytes().split(b"\n")
+        try:
+            same_run = json.loads(lines[0]) == self.header
+        except json.JSONDecodeError:
+            same_run = False
+        if not same_run:
+            self.path.unlink()
+            return {}, 0.0
+        done, seconds, good_bytes = {}, 0.0, len(lines[0]) + 1
+        for line in lines[1:]:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            done[rec["b"]] = (rec["nll"], rec["n"])
+            seconds += rec["s"]
+            good_bytes += len(line) + 1
+        with open(self.path, "r+b") as f:  # cut a torn tail so appends start on a clean line
+            f.truncate(min(good_bytes, self.path.stat().st_size))
+        return done, seconds
+
+    def append(self, b: int, nll: list[float], counts: list[int], seconds: float) -> None:
+        """Record one completed batch durably (JSON floats round-trip float64 exactly)."""
+        new = not self.path.exists()
+        with open(self.path, "a", encoding="utf-8") as f:
+            if new:
+                f.write(json.dumps(self.header) + "\n")
+            f.write(json.dumps({"b": b, "nll": nll, "n": counts, "s": seconds}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a model's loss table on a corpus lives, and the cache key it must carry."""
+
+    path: Path
+    key: str
+    identity: dict
+
+    @property
+    def cached(self) -> bool:
+        """True when the table exists with this exact cache key."""
+        return self.path.exists() and read_provenance(self.path).get("cache_key") == self.key
+
+
+def target(spec: str, corpus: Corpus, out_dir: Path, settings: ScoringSettings = ScoringSettings()) -> Target:
+    """Compute a model's cache key and table path without loading the model."""
+    model_spec = parse_spec(spec)
+    identity = model_identity(model_spec)
+    key = cache_key(identity, corpus.fingerprint, key_settings(settings), SCORER_VERSION)
+    return Target(loss_table_path(out_dir, model_spec.short_name, key), key, identity)
+
+
+def score_model(spec: str, corpus: Corpus, out_dir: Path, settings: ScoringSettings = ScoringSettings(),
+                force: bool = False, progress: bool = True) -> Path:
+    """Score every corpus sample with one model into a cached loss table; resume if interrupted."""
+    model_spec = parse_spec(spec)
+    tgt = target(spec, corpus, out_dir, settings)
+    out_path, key, identity = tgt.path, tgt.key, tgt.identity
+    if not force and tgt.cached:
+        return out_path
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(model_spec, settings.device, settings.dtype, identity=identity)
+    texts = corpus.samples["text"].tolist()
+    sample_ids = corpus.samples["sample_id"].tolist()
+    rows, batches, budget = _prepare(loaded, texts, sample_ids, settings.max_length, settings.batch_tokens)
+    plan_hash = hashlib.sha256(json.dumps([[(rows[r].sample, rows[r].window) for r in b] for b in batches])
+                               .encode()).hexdigest()
+    checkpoint = Checkpoint(out_path.with_name(out_path.name + ".partial.jsonl"),
+                            {"cache_key": key, "plan": plan_hash})
+    if force and checkpoint.path.exists():
+        checkpoint.path.unlink()
+    done, seconds_before = checkpoint.load()
+    start = time.perf_counter()
+    results = score_rows(loaded, rows, batches, done=done, on_batch=checkpoint.append, progress=progress)
+    wall_s = seconds_before + (time.perf_counter() - start)
+    nll_nats, n_tokens = per_sample(rows, batches, results, len(texts))
+    check_losses(nll_nats, sample_ids, f"scoring with {model_spec.name}")
+    table = pd.DataFrame({"sample_id": sample_ids, "nll_nats": nll_nats, "n_tokens": n_tokens.astype(np.int32),
+                          "n_bytes": corpus.samples["text"].str.encode("utf-8").str.len().astype(np.int32)})
+    provenance = {
+        "model": card_dict(loaded.card), "model_identity": identity, "corpus": corpus.describe(),
+        "settings": {**key_settings(settings), "batch_tokens": budget, "device": str(loaded.device)},
+        "scorer_version": SCORER_VERSION, "cache_key": key, "device": _device_name(loaded.device),
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__, "mcl_utils": mcl_utils.__version__},
+        "wall_time_s": wall_s, "tokens_per_s": float(n_tokens.sum() / wall_s) if wall_s > 0 else None,
+        "resumed_batches": len(done), "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    write_loss_table(out_path, table, provenance)
+    checkpoint.path.unlink(missing_ok=True)
+    return out_path

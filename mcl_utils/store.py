@@ -1,0 +1,168 @@
+"""Loss tables on disk: schema, atomic writes with provenance, cache keys, and the aligned loss matrix."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mcl_utils.errors import UserError
+
+LN2 = math.log(2.0)
+PROVENANCE_KEY = b"mcl.provenance"
+LOSS_SCHEMA = pa.schema([
+    ("sample_id", pa.string()),
+    ("nll_nats", pa.float64()),
+    ("n_tokens", pa.int32()),
+    ("n_bytes", pa.int32()),
+])
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed writer
+        stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def canonical_json(obj: object) -> str:
+    """JSON with sorted keys and no whitespace, so equal objects hash equally."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def cache_key(model_identity: dict, corpus_fingerprint: str, settings: dict, scorer_version: str) -> str:
+    """sha256 of everything a loss table depends on (DESIGN section 4)."""
+    payload = {"model": model_identity, "corpus": corpus_fingerprint, "settings": settings,
+               "scorer": scorer_version}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def slug(name: str) -> str:
+    """A file-name-safe version of a model name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+
+
+def loss_table_path(out_dir: Path, model_name: str, key: str) -> Path:
+    """Where the loss table of a model under a cache key lives: <out_dir>/<model>--<key16>.parquet."""
+    return Path(out_dir) / f"{slug(model_name)}--{key[:16]}.parquet"
+
+
+def bits_per_byte(nll_nats: np.ndarray | float, n_bytes: np.ndarray | float) -> np.ndarray | float:
+    """Per-sample bits per byte: nll / (n_bytes * ln 2)."""
+    return np.asarray(nll_nats) / (np.asarray(n_bytes) * LN2)
+
+
+def corpus_bpb(nll_nats: np.ndarray, n_bytes: np.ndarray) -> float:
+    """Byte-weighted corpus bits per byte: sum nll / (ln 2 * sum bytes)."""
+    return float(np.sum(nll_nats) / (LN2 * np.sum(n_bytes)))
+
+
+def check_losses(nll_nats: np.ndarray, sample_ids: Sequence[str], source: str) -> None:
+    """Refuse NaN, infinite or negative losses, naming the first bad sample."""
+    bad = ~np.isfinite(nll_nats) | (nll_nats < 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise UserError(f"{source} has {int(bad.sum())} invalid losses (first: sample {sample_ids[i]!r} "
+                        f"= {nll_nats[i]}); fix: rescore in float32 (--dtype float32) or drop the model")
+
+
+def write_loss_table(path: Path, table: pd.DataFrame, provenance: dict) -> None:
+    """Validate and atomically write a loss table with its provenance in the parquet metadata."""
+    check_losses(table["nll_nats"].to_numpy(), table["sample_id"].tolist(), f"loss table {path}")
+    arrow = pa.Table.from_pandas(table[LOSS_SCHEMA.names], schema=LOSS_SCHEMA, preserve_index=False)
+    arrow = arrow.replace_schema_metadata({PROVENANCE_KEY: canonical_json(provenance).encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(arrow, tmp)
+
+
+def read_provenance(path: Path) -> dict:
+    """The provenance stored in a loss table, without reading its rows."""
+    meta = pq.read_schema(path).metadata or {}
+    if PROVENANCE_KEY not in meta:
+        raise UserError(f"{path} is not an mcl loss table (no provenance); fix: rescore it with `mcl score`")
+    return json.loads(meta[PROVENANCE_KEY])
+
+
+def read_loss_table(path: Path) -> tuple[pd.DataFrame, dict]:
+    """A loss table and its provenance."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"loss table {path} does not exist; fix: run `mcl score` for that model first")
+    table = pq.read_table(path)
+    if table.schema.remove_metadata() != LOSS_SCHEMA:
+        raise UserError(f"{path} does not have the loss-table columns {LOSS_SCHEMA.names}; "
+                        "fix: rescore it with `mcl score`")
+    return table.to_pandas(), read_provenance(path)
+
+
+@dataclass(frozen=True)
+class LossMatrix:
+    """Losses of several models on the same samples, aligned: nll_nats[sample, model]."""
+
+    sample_ids: np.ndarray  # (n_samples,)
+    models: list[str]  # (n_models,)
+    nll_nats: np.ndarray  # (n_samples, n_models) float64
+    n_bytes: np.ndarray  # (n_samples,) int64
+    n_tokens: np.ndarray  # (n_samples, n_models) int64
+    provenance: list[dict]
+
+    def bpb(self) -> np.ndarray:
+        """Per-sample bits per byte, (n_samples, n_models)."""
+        return self.nll_nats / (self.n_bytes[:, None] * LN2)
+
+    def corpus_bpb(self) -> pd.Series:
+        """Byte-weighted bits per byte of each model."""
+        return pd.Series(self.nll_nats.sum(0) / (LN2 * self.n_bytes.sum()), index=self.models)
+
+
+def load_matrix(paths: Sequence[Path]) -> LossMatrix:
+    """Align loss tables on sample_id; refuse differing sample sets, corpora or invalid values."""
+    if not paths:
+        raise UserError("no loss tables given; fix: pass at least one loss table")
+    tables = [read_loss_table(p) for p in paths]
+    names = [prov["model"]["name"] for _, prov in tables]
+    if len(set(names)) != len(names):
+        raise UserError(f"model names repeat among the loss tables ({names}); fix: pass each model once")
+    ref_df, ref_prov = tables[0]
+    fp0 = ref_prov["corpus"]["fingerprint"]
+    ids0 = ref_df["sample_id"].to_numpy()
+    for (df, prov), name in zip(tables[1:], names[1:]):
+        if prov["corpus"]["fingerprint"] != fp0:
+            raise UserError(f"{names[0]} and {name} were scored on different corpora (fingerprints "
+                            f"{fp0[:12]} vs {prov['corpus']['fingerprint'][:12]}); fix: rescore on one corpus")
+        if set(df["sample_id"]) != set(ids0) or len(df) != len(ids0):
+            raise UserError(f"{names[0]} has {len(ids0)} samples and {name} has {len(df)}, and their sample "
+                            "ids differ; fix: rescore both on the same corpus")
+    order = pd.Index(ids0)
+    nll = np.empty((len(ids0), len(tables)))
+    n_tok = np.empty((len(ids0), len(tables)), dtype=np.int64)
+    for j, ((df, _), name) in enumerate(zip(tables, names)):
+        df = df.set_index("sample_id").reindex(order)
+        check_losses(df["nll_nats"].to_numpy(), list(order), f"loss table of {name}")
+        if not np.array_equal(df["n_bytes"].to_numpy(), ref_df["n_bytes"].to_numpy()):
+            raise UserError(f"{name} and {names[0]} disagree on sample byte counts; "
+                            "fix: rescore both on the same corpus")
+        nll[:, j] = df["nll_nats"].to_numpy()
+        n_tok[:, j] = df["n_tokens"].to_numpy()
+    return LossMatrix(sample_ids=ids0, models=names, nll_nats=nll,
+                      n_bytes=ref_df["n_bytes"].to_numpy().astype(np.int64), n_tokens=n_tok,
+                      provenance=[prov for _, prov in tables])

@@ -1,0 +1,99 @@
+"""Scoring conventions: labels-loss equality, batch and window invariance, unit-free argmin."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mcl_utils.models import load_model
+from mcl_utils.scoring import make_rows, plan_batches, rolling_windows, score_texts, tokenize
+from mcl_utils.store import bits_per_byte
+from tests.conftest import TEXTS
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def loaded(request, tiny_llama, tiny_gpt2):
+    """Each tiny model, loaded in float32 on the CPU."""
+    path = tiny_llama if request.param == "llama" else tiny_gpt2
+    return load_model(f"dir:{path}", device="cpu", dtype="float32")
+
+
+def test_prefix_policy(loaded):
+    """The prefix is BOS where the tokenizer has one (Llama), else EOS (GPT-2)."""
+    expected = "bos" if loaded.card.family == "llama" else "eos"
+    assert loaded.card.prefix_policy == expected
+
+
+def test_nll_equals_labels_loss_times_tokens(loaded):
+    """Our summed NLL equals the model's own mean `labels=` loss times the number of scored tokens."""
+    nll, n_tokens = score_texts(loaded, TEXTS[:6])
+    for text, ours, n in zip(TEXTS[:6], nll, n_tokens):
+        toks = tokenize(loaded, [text])[0]
+        ids = torch.tensor([[loaded.card.prefix_token_id] + toks])
+        labels = ids.clone()
+        labels[0, 0] = -100
+        with torch.no_grad():
+            loss = loaded.model(input_ids=ids, labels=labels).loss.item()
+        assert n == len(toks)
+        assert ours == pytest.approx(loss * len(toks), rel=1e-5)
+
+
+def test_batch_size_one_vs_sixteen(loaded):
+    """Per-sample losses do not depend on batching or padding (float32, 1e-5)."""
+    texts = TEXTS * 2
+    one = score_texts(loaded, texts, batch_tokens=1)
+    rows = make_rows(tokenize(loaded, texts), loaded.card.prefix_token_id, 64, list(map(str, texts)), "m")
+    sixteen_budget = 16 * max(len(r.tokens) for r in rows)
+    assert max(len(b) for b in plan_batches(rows, sixteen_budget)) == 16
+    sixteen = score_texts(loaded, texts, batch_tokens=sixteen_budget)
+    np.testing.assert_array_equal(one[1], sixteen[1])
+    np.testing.assert_allclose(one[0], sixteen[0], rtol=0, atol=1e-5)
+
+
+def test_rolling_windows_follow_lm_eval():
+    """Windows equal lm-evaluation-harness's get_rolling_token_windows with context_len=1."""
+    from lm_eval.utils import get_rolling_token_windows
+
+    for n, max_len in [(1, 4), (4, 4), (5, 4), (17, 4), (30, 7), (12, 64)]:
+        tokens = list(range(100, 100 + n))
+        ours = rolling_windows(tokens, 0, max_len)
+        ref = list(get_rolling_token_windows(tokens, 0, max_len, 1))
+        assert [(seq[:-1], seq[-k:]) for seq, k in ours] == [(list(a), list(b)) for a, b in ref]
+        assert sum(k for _, k in ours) == n  # every token is scored exactly once
+
+
+def test_windowed_equals_direct_window_losses(loaded):
+    """A sample longer than the context scores as the sum of its windows, each computed directly."""
+    text = TEXTS[6] * 2
+    toks = tokenize(loaded, [text])[0]
+    max_len = 16
+    assert len(toks) > 3 * max_len
+    nll, n = score_texts(loaded, [text], max_length=max_len)
+    expected = 0.0
+    for seq, k in rolling_windows(toks, loaded.card.prefix_token_id, max_len):
+        with torch.no_grad():
+            logits = loaded.model(input_ids=torch.tensor([seq[:-1]])).logits[0].float()
+        logp = torch.log_softmax(logits[-k:], dim=-1)
+        expected -= logp.gather(1, torch.tensor(seq[-k:])[:, None]).sum().item()
+    assert n[0] == len(toks)
+    assert nll[0] == pytest.approx(expected, abs=1e-5 * len(toks))
+
+
+def test_windowed_vs_whole_when_it_fits(loaded):
+    """A window as long as the sample gives the whole-sample score: windowing only starts past the cap."""
+    lengths = [len(t) for t in tokenize(loaded, TEXTS[:6])]
+    whole = score_texts(loaded, TEXTS[:6])
+    capped = score_texts(loaded, TEXTS[:6], max_length=max(lengths))
+    np.testing.assert_allclose(whole[0], capped[0], rtol=0, atol=1e-5)
+    windowed = score_texts(loaded, TEXTS[:6], max_length=min(lengths) - 1)
+    assert not np.allclose(whole[0], windowed[0], atol=1e-5)  # shorter context: a different number
+
+
+def test_argmin_same_in_nats_and_bits_per_byte(tiny_llama, tiny_gpt2):
+    """The per-sample best model is the same whether losses are in nats or in bits per byte."""
+    nll = np.stack([score_texts(load_model(f"dir:{p}", "cpu", "float32"), TEXTS)[0]
+                    for p in (tiny_llama, tiny_gpt2)], axis=1)
+    n_bytes = np.array([len(t.encode()) for t in TEXTS])
+    bpb = bits_per_byte(nll, n_bytes[:, None])
+    np.testing.assert_array_equal(nll.argmin(1), bpb.argmin(1))
