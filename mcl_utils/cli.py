@@ -1,4 +1,4 @@
-"""The `mcl` command line: score models on a corpus (more stages join as they are built)."""
+"""The `mcl` command line: `mcl score` scores models on a corpus; `mcl run` runs an experiment."""
 
 from __future__ import annotations
 
@@ -63,6 +63,13 @@ def _score(args: argparse.Namespace) -> None:
               f"({how}) -> {path}")
 
 
+def _run(args: argparse.Namespace) -> None:
+    """Run `mcl run`."""
+    from mcl_utils.pipeline import load_experiment, run
+
+    run(load_experiment(args.experiment), force=args.force)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `mcl` and its subcommands."""
     parser = argparse.ArgumentParser(prog="mcl", description="Measure how ensembles and merges of language "
@@ -87,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="rescore even if a cached table exists")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     score.set_defaults(func=_score)
+    run = sub.add_parser("run", help="run an experiment: score each model, then the analysis notebooks",
+                         description="Execute an experiment's pipeline with papermill: notebooks/score.ipynb "
+                         "once per model whose loss table is not cached, then each analysis notebook and the "
+                         "status page, into book/generated/<experiment>/.")
+    run.add_argument("experiment", help="experiment file, e.g. experiments/offline-llms.yaml")
+    run.add_argument("--force", action="store_true", help="recompute every stage, cached or not")
+    run.set_defaults(func=_run)
     return parser
 
 

@@ -51,7 +51,9 @@ def build_tiny_model(out_dir: Path, arch: str, context: int = 64, seed: int = 0)
                              tie_word_embeddings=False)
         model = LlamaForCausalLM(config)
     else:
-        config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=context)
+        eos = AutoTokenizer.from_pretrained(out_dir).eos_token_id
+        config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=context,
+                            bos_token_id=eos, eos_token_id=eos)
         model = GPT2LMHeadModel(config)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir

@@ -97,3 +97,11 @@ def test_argmin_same_in_nats_and_bits_per_byte(tiny_llama, tiny_gpt2):
     n_bytes = np.array([len(t.encode()) for t in TEXTS])
     bpb = bits_per_byte(nll, n_bytes[:, None])
     np.testing.assert_array_equal(nll.argmin(1), bpb.argmin(1))
+
+
+def test_sample_without_tokens_is_named():
+    """A sample that tokenizes to nothing cannot be scored: the error names it and the fix."""
+    from mcl_utils.errors import UserError
+
+    with pytest.raises(UserError, match="sample 'b' has no tokens under m; fix: drop empty samples"):
+        make_rows([[5, 6], []], prefix_id=0, max_length=8, sample_ids=["a", "b"], model_name="m")

@@ -1,0 +1,98 @@
+"""Scoring throughput and agreement: mcl against lm-evaluation-harness, same model, samples and machine.
+
+Usage: .venv/bin/python benchmarks/scoring.py [--model gguf:smollm2-135m-instruct] [--n-samples 64]
+
+Both score the same Brown evaluation paragraphs with the same weights in the same dtype: mcl through
+`mcl_utils.scoring.score_texts`, lm-evaluation-harness through its HF backend's `loglikelihood_rolling`.
+Prints tokens per second of each, their ratio (goal: mcl >= 1.5x), and both corpus bits per byte
+(goal: equal within 1e-3). Loading is excluded from the timings; each side first scores a warm-up sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from mcl_utils.corpus import CorpusSpec, load_corpus
+from mcl_utils.models import _weights_location, load_model, parse_spec, resolve_device
+from mcl_utils.scoring import score_texts
+from mcl_utils.store import corpus_bpb
+
+
+def run_mcl(spec: str, texts: list[str], device: str, dtype: str) -> tuple[float, np.ndarray, int]:
+    """Seconds, per-sample NLL and scored tokens for mcl."""
+    loaded = load_model(spec, device, dtype)
+    score_texts(loaded, texts[:1])
+    start = time.perf_counter()
+    nll, n_tokens = score_texts(loaded, texts)
+    _sync(loaded.device)
+    return time.perf_counter() - start, nll, int(n_tokens.sum())
+
+
+def run_lm_eval(spec: str, texts: list[str], device: str, dtype: str, batch_size: int) -> tuple[float, np.ndarray]:
+    """Seconds and per-sample NLL for lm-evaluation-harness (HF backend, loglikelihood_rolling)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    where, kwargs = _weights_location(parse_spec(spec))
+    lm = HFLM(pretrained=where, device=device, dtype=dtype, batch_size=batch_size, **kwargs)
+
+    def requests(batch: list[str]) -> list[Instance]:
+        return [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(batch)]
+
+    lm.loglikelihood_rolling(requests(texts[:1]), disable_tqdm=True)
+    start = time.perf_counter()
+    loglik = lm.loglikelihood_rolling(requests(texts), disable_tqdm=True)
+    _sync(torch.device(device))
+    return time.perf_counter() - start, -np.asarray(loglik, dtype=float)
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work so timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    """Run both scorers and print the comparison."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="gguf:smollm2-135m-instruct")
+    ap.add_argument("--n-samples", type=int, default=64)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--lm-eval-batch-size", type=int, default=16)
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = ap.parse_args()
+    device = str(resolve_device(args.device))
+    corpus = load_corpus(CorpusSpec(n_samples=args.n_samples))
+    texts = corpus.samples["text"].tolist()
+    n_bytes = corpus.samples["text"].str.encode("utf-8").str.len().to_numpy()
+    mcl_s, mcl_nll, n_tokens = run_mcl(args.model, texts, device, args.dtype)
+    ref_s, ref_nll = run_lm_eval(args.model, texts, device, args.dtype, args.lm_eval_batch_size)
+    result = {
+        "model": args.model, "device": device, "dtype": args.dtype, "n_samples": len(texts),
+        "n_tokens": n_tokens, "threads": torch.get_num_threads(),
+        "mcl_tokens_per_s": n_tokens / mcl_s, "lm_eval_tokens_per_s": n_tokens / ref_s,
+        "speedup": ref_s / mcl_s, "lm_eval_batch_size": args.lm_eval_batch_size,
+        "mcl_bpb": corpus_bpb(mcl_nll, n_bytes), "lm_eval_bpb": corpus_bpb(ref_nll, n_bytes),
+        "max_abs_sample_nll_diff": float(np.max(np.abs(mcl_nll - ref_nll))),
+    }
+    result["abs_bpb_diff"] = abs(result["mcl_bpb"] - result["lm_eval_bpb"])
+    print(f"{args.model} on {len(texts)} Brown paragraphs ({n_tokens} tokens), {device}, {args.dtype}")
+    print(f"  mcl      {result['mcl_tokens_per_s']:9.0f} tokens/s   {result['mcl_bpb']:.6f} bits/byte")
+    print(f"  lm-eval  {result['lm_eval_tokens_per_s']:9.0f} tokens/s   {result['lm_eval_bpb']:.6f} bits/byte"
+          f"   (batch size {args.lm_eval_batch_size})")
+    print(f"  speed ratio mcl / lm-eval: {result['speedup']:.2f}x (goal >= 1.5x)")
+    print(f"  |bits/byte difference|: {result['abs_bpb_diff']:.2e} (goal <= 1e-3); "
+          f"largest per-sample NLL difference {result['max_abs_sample_nll_diff']:.2e} nats")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

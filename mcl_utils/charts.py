@@ -1,0 +1,75 @@
+"""Charts for the book: one Altair theme, HTML output that renders offline (see _ext/offline_altair.py)."""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+
+FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif"
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+
+
+@alt.theme.register("mcl", enable=False)
+def _theme() -> alt.theme.ThemeConfig:
+    """The book's chart style: quiet axes, readable fonts, a colour-blind-aware palette."""
+    return {"config": {
+        "font": FONT,
+        "view": {"stroke": None, "continuousWidth": 400, "continuousHeight": 260},
+        "axis": {"labelFontSize": 12, "titleFontSize": 13, "grid": True, "gridOpacity": 0.4},
+        "legend": {"labelFontSize": 12, "titleFontSize": 12, "orient": "bottom"},
+        "title": {"fontSize": 15, "anchor": "start"},
+        "range": {"category": PALETTE},
+    }}
+
+
+def setup() -> None:
+    """Enable the theme and the HTML renderer (the book supplies Vega offline)."""
+    alt.theme.enable("mcl")
+    alt.renderers.enable("html")
+
+
+def bpb_by_model(df: pd.DataFrame) -> alt.Chart:
+    """Horizontal bars of corpus bits per byte per model (columns: model, bpb, n_params)."""
+    return alt.Chart(df, title="Bits per byte on the evaluation sample (lower is better)").mark_bar().encode(
+        x=alt.X("bpb:Q", title="bits per byte"),
+        y=alt.Y("model:N", sort="x", title=None),
+        color=alt.Color("model:N", legend=None),
+        tooltip=["model", alt.Tooltip("bpb:Q", format=".4f"), alt.Tooltip("n_params:Q", format=",")],
+    ).properties(height=alt.Step(28))
+
+
+def bpb_by_group(df: pd.DataFrame, group: str) -> alt.Chart:
+    """Dots of bits per byte per group and series (columns: group, series, bpb)."""
+    return alt.Chart(df, title=f"Bits per byte by {group}").mark_point(filled=True, size=70).encode(
+        x=alt.X("bpb:Q", title="bits per byte", scale=alt.Scale(zero=False)),
+        y=alt.Y(f"{group}:N", title=None, sort=alt.EncodingSortField("bpb", op="min")),
+        color=alt.Color("series:N", title=None),
+        shape=alt.Shape("series:N", title=None),
+        tooltip=[group, "series", alt.Tooltip("bpb:Q", format=".4f")],
+    ).properties(height=alt.Step(20))
+
+
+def win_share_bars(df: pd.DataFrame, group: str) -> alt.Chart:
+    """Stacked shares of samples won by each model, per group (columns: group, model, share)."""
+    return alt.Chart(df, title="Which model gives the lowest loss, sample by sample").mark_bar().encode(
+        x=alt.X("share:Q", stack="normalize", title="share of samples won", axis=alt.Axis(format="%")),
+        y=alt.Y(f"{group}:N", title=None),
+        color=alt.Color("model:N", title=None),
+        tooltip=[group, "model", alt.Tooltip("share:Q", format=".1%")],
+    ).properties(height=alt.Step(20))
+
+
+def per_sample_scatter(df: pd.DataFrame, x: str, y: str) -> alt.Chart:
+    """Per-sample bits per byte of model x against model y, with the diagonal (model names may be any text)."""
+    data = pd.DataFrame({"x": df[x], "y": df[y], "sample_id": df["sample_id"], "genre": df["genre"]})
+    lo, hi = float(data[["x", "y"]].min().min()), float(data[["x", "y"]].max().max())
+    diagonal = alt.Chart(pd.DataFrame({"x": [lo, hi], "y": [lo, hi]})).mark_line(
+        color="gray", strokeDash=[4, 4]).encode(x="x:Q", y="y:Q")
+    points = alt.Chart(data, title="Per-sample bits per byte: below the diagonal, the vertical-axis model wins"
+                       ).mark_circle(size=14, opacity=0.5).encode(
+        x=alt.X("x:Q", title=f"{x} (bits per byte)", scale=alt.Scale(zero=False)),
+        y=alt.Y("y:Q", title=f"{y} (bits per byte)", scale=alt.Scale(zero=False)),
+        color=alt.Color("genre:N", title=None),
+        tooltip=["sample_id", "genre", alt.Tooltip("x:Q", format=".3f", title=x),
+                 alt.Tooltip("y:Q", format=".3f", title=y)])
+    return (diagonal + points).properties(width=380, height=380)

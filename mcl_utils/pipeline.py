@@ -1,0 +1,296 @@
+"""Experiments and the pipeline: papermill runs one notebook per stage, skipping what is cached."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import yaml
+
+import mcl_utils
+from mcl_utils.corpus import Corpus, CorpusSpec, load_corpus
+from mcl_utils.errors import UserError
+from mcl_utils.models import parse_spec
+from mcl_utils.scoring import ScoringSettings, target
+from mcl_utils.store import LossMatrix, canonical_json, load_matrix, read_provenance, slug
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = REPO_ROOT / "notebooks"
+GENERATED = REPO_ROOT / "book" / "generated"
+RESULTS = REPO_ROOT / "results"
+HIDDEN_TAGS = {"parameters", "injected-parameters"}
+ANALYSES = ("oracle",)
+LIBRARY_VERSIONS = ("torch", "transformers", "numpy", "pandas", "scipy", "altair", "papermill", "jupyter-book",
+                    "myst-nb", "sphinx")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """What to run: a corpus, a list of model specs, scoring settings and the analyses to execute."""
+
+    name: str
+    path: Path
+    description: str = ""
+    corpus: CorpusSpec = CorpusSpec()
+    models: tuple[str, ...] = ()
+    scoring: ScoringSettings = ScoringSettings()
+    analyses: tuple[str, ...] = ANALYSES
+    results_dir: Path = RESULTS
+    generated_dir: Path = GENERATED
+
+    @property
+    def losses_dir(self) -> Path:
+        """Where loss tables go (shared by experiments: a cache key names each table)."""
+        return self.results_dir / "losses"
+
+    @property
+    def out_dir(self) -> Path:
+        """Where this experiment's analysis results go."""
+        return self.results_dir / self.name
+
+    @property
+    def book_dir(self) -> Path:
+        """Where this experiment's executed notebooks go."""
+        return self.generated_dir / self.name
+
+
+def _fields_of(cls: type) -> set[str]:
+    """Field names of a dataclass."""
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _section(raw: dict, key: str, cls: type, where: Path) -> object:
+    """Build a dataclass from a mapping in the experiment file, refusing unknown keys."""
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: '{key}' must be a mapping; fix: write it as key: value lines")
+    unknown = set(value) - _fields_of(cls)
+    if unknown:
+        raise UserError(f"{where}: unknown {key} setting(s) {sorted(unknown)}; fix: use only "
+                        f"{sorted(_fields_of(cls))}")
+    return cls(**value)
+
+
+def load_experiment(path: str | Path, results_dir: Path = RESULTS, generated_dir: Path = GENERATED) -> Experiment:
+    """Read and validate an experiment YAML file; every problem is a one-line error with the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"experiment file {path} does not exist; fix: pass a file from experiments/")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}); fix: check its syntax") from exc
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must be a YAML mapping; fix: start from experiments/offline-llms.yaml")
+    allowed = {"name", "description", "corpus", "models", "scoring", "analyses"}
+    if set(raw) - allowed:
+        raise UserError(f"{path}: unknown key(s) {sorted(set(raw) - allowed)}; fix: use only {sorted(allowed)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or slug(name) != name:
+        raise UserError(f"{path}: 'name' must be a simple identifier like offline-llms; fix: set name:")
+    models = raw.get("models")
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
+        raise UserError(f"{path}: 'models' must be a non-empty list of model specs; fix: list e.g. "
+                        "- gguf:smollm2-135m-instruct")
+    if len(set(models)) != len(models):
+        raise UserError(f"{path}: a model is listed twice; fix: list each model once")
+    for spec in models:
+        parse_spec(spec)
+    analyses = raw.get("analyses", list(ANALYSES))
+    unknown = [a for a in analyses if a not in ANALYSES]
+    if unknown:
+        raise UserError(f"{path}: unknown analyses {unknown}; fix: choose from {list(ANALYSES)}")
+    return Experiment(name=name, path=path.resolve(), description=raw.get("description", ""),
+                      corpus=_section(raw, "corpus", CorpusSpec, path), models=tuple(models),
+                      scoring=_section(raw, "scoring", ScoringSettings, path), analyses=tuple(analyses),
+                      results_dir=Path(results_dir), generated_dir=Path(generated_dir))
+
+
+def experiment_corpus(exp: Experiment) -> Corpus:
+    """The experiment's evaluation samples."""
+    return load_corpus(exp.corpus)
+
+
+def loss_table_paths(exp: Experiment, corpus: Corpus | None = None) -> dict[str, Path]:
+    """Expected loss table of each model of the experiment (they exist once scored)."""
+    corpus = corpus or experiment_corpus(exp)
+    return {m: target(m, corpus, exp.losses_dir, exp.scoring).path for m in exp.models}
+
+
+def experiment_matrix(exp: Experiment) -> tuple[LossMatrix, pd.DataFrame, list[int]]:
+    """The experiment's aligned loss matrix, its samples' metadata in matrix order, and parameter counts."""
+    corpus = experiment_corpus(exp)
+    paths = loss_table_paths(exp, corpus)
+    missing = [m for m, p in paths.items() if not p.exists()]
+    if missing:
+        raise UserError(f"no loss table for {missing} on this corpus; fix: run `mcl run {exp.path}`")
+    matrix = load_matrix(list(paths.values()))
+    samples = corpus.samples.set_index("sample_id").loc[matrix.sample_ids].reset_index()
+    return matrix, samples, [prov["model"]["n_params_total"] for prov in matrix.provenance]
+
+
+# ---------------------------------------------------------------- executing notebooks
+
+
+def _check_parameters(notebook: Path, parameters: dict) -> None:
+    """Refuse parameters the notebook does not declare in its `parameters` cell."""
+    import papermill
+
+    declared = set(papermill.inspect_notebook(str(notebook)))
+    unknown = set(parameters) - declared
+    if unknown:
+        raise UserError(f"{notebook.name} has no parameter(s) {sorted(unknown)}; fix: use {sorted(declared)}")
+
+
+def _hide_parameter_cells(path: Path, key: str | None) -> None:
+    """Tag papermill's parameter cells remove-input and record the stage's cache key."""
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        tags = cell.metadata.get("tags", [])
+        if HIDDEN_TAGS & set(tags) and "remove-input" not in tags:
+            cell.metadata["tags"] = tags + ["remove-input"]
+    if key is not None:
+        nb.metadata["mcl"] = {"cache_key": key}
+    nbformat.write(nb, path)
+
+
+def execute(notebook: Path, output: Path, parameters: dict, key: str | None = None) -> float:
+    """Execute a notebook with papermill into `output`; a failure names the notebook and the cell."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    _check_parameters(notebook, parameters)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.stem}.running.ipynb")
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(notebook), str(tmp), parameters=parameters, kernel_name="python3",
+                                   progress_bar=False, cwd=str(REPO_ROOT))
+    except PapermillExecutionError as exc:
+        failed = output.with_name(f"{output.stem}.failed.ipynb")
+        os.replace(tmp, failed)
+        raise UserError(f"notebook {notebook.name} failed in cell {exc.exec_count} ({exc.ename}: "
+                        f"{str(exc.evalue).splitlines()[0][:300]}); fix: see {failed}") from None
+    _hide_parameter_cells(tmp, key)
+    os.replace(tmp, output)
+    return time.perf_counter() - start
+
+
+def _source_fingerprint() -> str:
+    """sha256 of the library's source: analyses are re-run when the code that computes them changes."""
+    h = hashlib.sha256()
+    for f in sorted((REPO_ROOT / "mcl_utils").glob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def analysis_key(exp: Experiment, notebook: Path, tables: dict[str, Path]) -> str:
+    """Cache key of an analysis stage: its notebook, the experiment, its input tables and the library."""
+    payload = {"notebook": hashlib.sha256(notebook.read_bytes()).hexdigest(),
+               "experiment": hashlib.sha256(exp.path.read_bytes()).hexdigest(),
+               "tables": {m: read_provenance(p)["cache_key"] for m, p in tables.items()},
+               "library": _source_fingerprint()}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def _cached_key(path: Path) -> str | None:
+    """The cache key recorded in an executed notebook, if any."""
+    if not path.exists():
+        return None
+    return nbformat.read(path, as_version=4).metadata.get("mcl", {}).get("cache_key")
+
+
+def run(exp: Experiment, force: bool = False, log=print) -> None:
+    """Score each model unless cached, then run each analysis unless cached, then the status page."""
+    corpus = experiment_corpus(exp)
+    params = {"experiment": str(exp.path), "results_dir": str(exp.results_dir)}
+    tables = {}
+    for spec in exp.models:
+        tgt = target(spec, corpus, exp.losses_dir, exp.scoring)
+        if tgt.cached and not force:
+            log(f"[score]  {spec}: cached ({tgt.path.name})")
+        else:
+            output = exp.book_dir / f"score-{slug(parse_spec(spec).short_name)}.ipynb"
+            seconds = execute(NOTEBOOKS / "score.ipynb", output, {**params, "model": spec, "force": force})
+            log(f"[score]  {spec}: scored in {seconds:.0f} s")
+        tables[spec] = tgt.path
+    ran_any = False
+    for name in exp.analyses:
+        notebook = NOTEBOOKS / f"{name}.ipynb"
+        output = exp.book_dir / f"{name}.ipynb"
+        key = analysis_key(exp, notebook, tables)
+        if not force and _cached_key(output) == key:
+            log(f"[{name}]  cached")
+            continue
+        log(f"[{name}]  executed in {execute(notebook, output, params, key):.0f} s")
+        ran_any = True
+    status = exp.book_dir / "status.ipynb"
+    if ran_any or force or not status.exists():
+        seconds = execute(NOTEBOOKS / "status.ipynb", status, params)
+        log(f"[status] executed in {seconds:.0f} s")
+    else:
+        log("[status] cached")
+
+
+# ---------------------------------------------------------------- the status page
+
+
+def environment_report() -> pd.DataFrame:
+    """Library versions, Python, platform and hardware of the machine that ran the analyses."""
+    import torch
+
+    rows = [("python", platform.python_version()), ("mcl_utils", mcl_utils.__version__),
+            ("platform", platform.platform()), ("cpu cores", str(os.cpu_count())),
+            ("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")]
+    rows += [(lib, importlib.metadata.version(lib)) for lib in LIBRARY_VERSIONS]
+    return pd.DataFrame(rows, columns=["item", "version"])
+
+
+def execution_report(book_dir: Path) -> pd.DataFrame:
+    """Execution time and date of every executed notebook of an experiment (papermill metadata)."""
+    rows = []
+    for path in sorted(book_dir.glob("*.ipynb")):
+        meta = nbformat.read(path, as_version=4).metadata.get("papermill", {})
+        rows.append({"notebook": path.name, "seconds": round(meta.get("duration") or 0.0, 1),
+                     "finished": meta.get("end_time", "")})
+    return pd.DataFrame(rows)
+
+
+def provenance_report(paths: dict[str, Path]) -> pd.DataFrame:
+    """Provenance of each loss table: model revision, corpus, device, wall time and speed."""
+    rows = []
+    for spec, path in paths.items():
+        prov = read_provenance(path)
+        rows.append({"model": spec, "file": str(path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT)
+                                                else path),
+                     "revision / sha256": prov["model"]["revision"][:16], "dtype": prov["model"]["dtype"],
+                     "corpus fingerprint": prov["corpus"]["fingerprint"][:16],
+                     "samples": prov["corpus"]["n_samples"], "device": prov["device"],
+                     "tokens/s": round(prov["tokens_per_s"] or 0), "wall s": round(prov["wall_time_s"]),
+                     "scored": prov["created_utc"], "cache key": prov["cache_key"][:16]})
+    return pd.DataFrame(rows)
+
+
+def experiment_summary(exp: Experiment) -> dict:
+    """The experiment as plain data, for provenance JSON."""
+    return {"name": exp.name, "file": exp.path.name, "models": list(exp.models),
+            "corpus": dataclasses.asdict(exp.corpus), "scoring": dataclasses.asdict(exp.scoring),
+            "experiment_sha256": hashlib.sha256(exp.path.read_bytes()).hexdigest()}
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically."""
+    from mcl_utils.store import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+

@@ -1,0 +1,89 @@
+"""The book: strict build from committed results, and every page rendered offline in headless Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+# No network at all: every host resolves to nothing and every proxied request goes to a closed port.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=http://127.0.0.1:9",
+                  "--virtual-time-budget=15000", "--dump-dom"]
+ERROR_MARKERS = ["Javascript Error", "Error loading script", "Traceback (most recent call last)",
+                 "Error in chart", "NameError", "Exception"]
+
+
+@pytest.fixture(scope="module")
+def built_book(tmp_path_factory) -> Path:
+    """Run the default experiment from committed results and build the book strictly."""
+    run = subprocess.run([BIN / "mcl", "run", "experiments/offline-llms.yaml"], cwd=REPO, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "scored" not in run.stdout, "committed results must make scoring unnecessary:\n" + run.stdout
+    out = tmp_path_factory.mktemp("book")
+    build = subprocess.run([BIN / "jupyter-book", "build", ".", "-W", "-n", "--keep-going", "--path-output",
+                            str(out)], cwd=REPO, capture_output=True, text=True)
+    assert build.returncode == 0, (build.stdout + build.stderr)[-5000:]
+    return out / "_build" / "html"
+
+
+def _pages(html: Path) -> list[Path]:
+    """Every content page of the built book (Sphinx's search and index pages excluded)."""
+    return sorted(p for p in html.rglob("*.html") if p.name not in {"search.html", "genindex.html"}
+                  and "_static" not in p.parts)
+
+
+def test_book_has_every_chapter(built_book):
+    """The table of contents' pages are all built, with glued numbers filled in."""
+    names = {p.relative_to(built_book).as_posix() for p in _pages(built_book)}
+    for page in ("index.html", "book/intro.html", "book/measuring.html", "book/coming.html", "book/data.html",
+                 "book/generated/offline-llms/oracle.html", "book/generated/offline-llms/status.html"):
+        assert page in names
+    oracle = (built_book / "book/generated/offline-llms/oracle.html").read_text()
+    assert re.search(r"reaches\s*<span[^>]*>\s*1\.\d{4}", oracle), "glued bits per byte missing"
+    assert "score-" not in " ".join(names), "scoring notebooks are stages, not chapters"
+
+
+def test_no_page_reaches_the_network(built_book):
+    """No built page or script refers to a CDN for Vega, MathJax or require.js."""
+    for page in _pages(built_book):
+        text = page.read_text()
+        for cdn in ("cdn.jsdelivr.net", "cdnjs.cloudflare.com", "unpkg.com"):
+            code_free = re.sub(r"<script[^>]*>.*?maybeLoadScript.*?</script>", "", text, flags=re.S)
+            assert cdn not in code_free, f"{page.name} refers to {cdn}"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """The headless browser (installed by `make browser`)."""
+    path = shutil.which("chromium")
+    assert path, "chromium is missing; fix: run `make browser` (Debian package chromium)"
+    return path
+
+
+def test_every_page_renders_offline(built_book, chromium, tmp_path):
+    """Each page, opened with all network blocked, shows no error and draws every chart it holds."""
+    n_charts_total = 0
+    for page in _pages(built_book):
+        source = page.read_text()
+        n_charts = source.count("maybeLoadScript(\"vega\"")
+        dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                              page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+        assert "</html>" in dom, f"{page.name}: chromium returned no page"
+        visible = re.sub(r"<script.*?</script>|<style.*?</style>", "", dom, flags=re.S)
+        for marker in ERROR_MARKERS:
+            assert marker not in visible, f"{page.relative_to(built_book)} shows {marker!r}"
+        drawn = len(re.findall(r'<(?:canvas|svg)[^>]*class="marks"', dom))
+        assert drawn == n_charts, f"{page.relative_to(built_book)}: {drawn} of {n_charts} charts drawn"
+        n_charts_total += n_charts
+        if 'class="math' in source:
+            assert "mjx-container" in dom, f"{page.relative_to(built_book)}: MathJax did not typeset"
+    assert n_charts_total >= 4

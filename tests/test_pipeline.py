@@ -1,0 +1,114 @@
+"""`mcl run`: experiment files, papermill stages, caching, and errors that name the notebook and cell."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+import yaml
+
+from mcl_utils.errors import UserError
+from mcl_utils.pipeline import execute, load_experiment, run
+from tests.conftest import TEXTS, build_tiny_model
+
+
+def _experiment(tmp_path: Path, models: list[str], name: str = "tiny") -> Path:
+    """An experiment file over a small genre-labelled corpus."""
+    corpus = tmp_path / "corpus.parquet"
+    pd.DataFrame({"text": TEXTS * 2, "genre": ["news", "fiction"] * len(TEXTS)}).to_parquet(corpus)
+    spec = {"name": name, "description": "tiny random models", "models": models,
+            "corpus": {"source": str(corpus), "n_samples": None, "min_words": 0},
+            "scoring": {"device": "cpu", "dtype": "float32", "max_length": 32}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _run(path: Path, tmp_path: Path) -> list[str]:
+    """Run the pipeline into tmp_path, returning its progress lines."""
+    lines: list[str] = []
+    exp = load_experiment(path, results_dir=tmp_path / "results", generated_dir=tmp_path / "generated")
+    run(exp, log=lines.append)
+    return lines
+
+
+def test_run_scores_analyses_and_then_caches(tmp_path, tiny_llama, tiny_gpt2):
+    """First run executes every stage; a second run executes nothing; adding a model scores only it."""
+    path = _experiment(tmp_path, [f"dir:{tiny_llama}", f"dir:{tiny_gpt2}"])
+    first = _run(path, tmp_path)
+    assert sum("scored" in line for line in first) == 2 and "[oracle]  executed" in first[2]
+    book = tmp_path / "generated" / "tiny"
+    assert {p.name for p in book.glob("*.ipynb")} == {"score-llama0.ipynb", "score-gpt20.ipynb", "oracle.ipynb",
+                                                     "status.ipynb"}
+    oracle_nb = nbformat.read(book / "oracle.ipynb", as_version=4)
+    assert any("remove-input" in c.metadata.get("tags", []) for c in oracle_nb.cells
+               if "injected-parameters" in c.metadata.get("tags", []))
+    assert len(pd.read_parquet(tmp_path / "results" / "tiny" / "oracle.parquet")) == 3
+    assert _run(path, tmp_path) == [f"[score]  dir:{tiny_llama}: cached (" + next(
+        (tmp_path / "results" / "losses").glob("llama0--*.parquet")).name + ")",
+        f"[score]  dir:{tiny_gpt2}: cached (" + next((tmp_path / "results" / "losses").glob("gpt20--*")).name + ")",
+        "[oracle]  cached", "[status] cached"]
+    third = build_tiny_model(tmp_path / "llama-b", "llama", seed=1)
+    added = _run(_experiment(tmp_path, [f"dir:{tiny_llama}", f"dir:{tiny_gpt2}", f"dir:{third}"]), tmp_path)
+    assert added[0].startswith(f"[score]  dir:{tiny_llama}: cached")
+    assert added[1].startswith(f"[score]  dir:{tiny_gpt2}: cached")
+    assert added[2].startswith(f"[score]  dir:{third}: scored")
+    assert "[oracle]  executed" in added[3]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d.update(colour="red"), "unknown key"),
+    (lambda d: d.update(models=[]), "non-empty list"),
+    (lambda d: d.update(models=["nonsense"]), "unknown model spec"),
+    (lambda d: d["corpus"].update(sample=3), "unknown corpus setting"),
+    (lambda d: d["scoring"].update(gpu=True), "unknown scoring setting"),
+    (lambda d: d.update(name="has space"), "simple identifier"),
+    (lambda d: d.update(analyses=["telepathy"]), "unknown analyses"),
+])
+def test_bad_experiments_are_one_line_errors(tmp_path, edit, message):
+    """Each mistake in an experiment file names the problem and the fix."""
+    path = _experiment(tmp_path, ["dir:x"])
+    data = yaml.safe_load(path.read_text())
+    edit(data)
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError, match=message) as info:
+        load_experiment(path)
+    assert "fix:" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_default_experiment_is_valid():
+    """The committed default experiment loads: two offline models on the Brown sample."""
+    exp = load_experiment(Path(__file__).resolve().parent.parent / "experiments" / "offline-llms.yaml")
+    assert exp.models == ("gguf:smollm2-135m-instruct", "gguf:gemma-3-270m") and exp.corpus.n_samples == 2000
+
+
+def _notebook(path: Path, *sources: str) -> Path:
+    """A notebook with a parameters cell and the given code cells."""
+    params = nbformat.v4.new_code_cell("x = 1")
+    params.metadata["tags"] = ["parameters"]
+    nb = nbformat.v4.new_notebook(cells=[params] + [nbformat.v4.new_code_cell(s) for s in sources])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def test_unknown_notebook_parameter_is_an_error(tmp_path):
+    """Passing a parameter the notebook does not declare is refused before anything runs."""
+    nb = _notebook(tmp_path / "n.ipynb", "print(x)")
+    with pytest.raises(UserError, match=r"has no parameter\(s\) \['y'\].*use \['x'\]"):
+        execute(nb, tmp_path / "out" / "n.ipynb", {"y": 2})
+    assert not (tmp_path / "out").exists()
+
+
+def test_failing_notebook_names_notebook_and_cell(tmp_path):
+    """A failing cell stops the run with the notebook, the cell and the error; no output is published."""
+    nb = _notebook(tmp_path / "boom.ipynb", "y = x + 1", "raise ValueError('bad data')")
+    # Cell 4 as numbered in the executed copy: parameters, papermill's injected parameters, y = ..., raise.
+    with pytest.raises(UserError, match=r"notebook boom.ipynb failed in cell 4 \(ValueError: bad data\)"):
+        execute(nb, tmp_path / "out" / "boom.ipynb", {"x": 2})
+    assert not (tmp_path / "out" / "boom.ipynb").exists()
+    assert (tmp_path / "out" / "boom.failed.ipynb").exists()
+    shutil.rmtree(tmp_path / "out")
