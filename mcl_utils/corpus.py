@@ -35,7 +35,6 @@ BROWN_GENRES = {
     "r": "humor",
 }
 DOUBLED_MARKS = {"?", ";", "!"}
-SPLITS = ("train", "validation", "test")
 # Fractions of each genre's source files. The test share is large so that the default evaluation sample
 # (2,000 paragraphs of 50+ words) fits inside it; see book chapter "Per-sample loss across tokenizers".
 SPLIT_FRACTIONS = {"train": 0.5, "validation": 0.1, "test": 0.4}

@@ -33,11 +33,13 @@ def all_pools(n_models: int) -> list[tuple[int, ...]]:
 
 def pool_table(matrix: LossMatrix, n_params: Sequence[int]) -> pd.DataFrame:
     """One row per pool: members, total parameters, oracle bpb, best single member, and the gap."""
-    single = matrix.nll_nats.sum(0) / (LN2 * matrix.n_bytes.sum())
+    denominator = LN2 * matrix.n_bytes.sum()
+    # Singles go through the same summation as pools, so a pool of one has exactly zero gap.
+    single = [oracle_nll(matrix.nll_nats, (j,)).sum() / denominator for j in range(len(matrix.models))]
     rows = []
     for pool in all_pools(len(matrix.models)):
         best = min(pool, key=lambda j: (single[j], n_params[j]))
-        bpb = oracle_nll(matrix.nll_nats, pool).sum() / (LN2 * matrix.n_bytes.sum())
+        bpb = oracle_nll(matrix.nll_nats, pool).sum() / denominator
         rows.append({"pool": " + ".join(matrix.models[j] for j in pool), "n_models": len(pool),
                      "total_params": int(sum(n_params[j] for j in pool)), "oracle_bpb": bpb,
                      "best_single": matrix.models[best], "best_single_bpb": single[best],

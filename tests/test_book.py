@@ -32,6 +32,7 @@ def built_book(tmp_path_factory) -> Path:
     build = subprocess.run([BIN / "jupyter-book", "build", ".", "-W", "-n", "--keep-going", "--path-output",
                             str(out)], cwd=REPO, capture_output=True, text=True)
     assert build.returncode == 0, (build.stdout + build.stderr)[-5000:]
+    assert "Executing notebook" not in build.stdout + build.stderr, "the book build must not execute stages"
     return out / "_build" / "html"
 
 
