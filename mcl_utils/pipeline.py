@@ -256,9 +256,13 @@ def environment_report() -> pd.DataFrame:
 
 
 def execution_report(book_dir: Path) -> pd.DataFrame:
-    """Execution time and date of every executed notebook of an experiment (papermill metadata)."""
+    """Execution time and date of every executed stage notebook of an experiment (papermill metadata).
+
+    The status notebook itself is left out: it is still running when it reads this."""
     rows = []
-    for path in sorted(book_dir.glob("*.ipynb")):
+    for path in sorted(book_dir.glob("[!.]*.ipynb")):
+        if path.name == "status.ipynb" or path.name.endswith(".failed.ipynb"):
+            continue
         meta = nbformat.read(path, as_version=4).metadata.get("papermill", {})
         rows.append({"notebook": path.name, "seconds": round(meta.get("duration") or 0.0, 1),
                      "finished": meta.get("end_time", "")})

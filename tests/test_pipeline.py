@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from mcl_utils.errors import UserError
-from mcl_utils.pipeline import execute, load_experiment, run
+from mcl_utils.pipeline import execute, execution_report, load_experiment, run
 from tests.conftest import TEXTS, build_tiny_model
 
 
@@ -47,6 +47,9 @@ def test_run_scores_analyses_and_then_caches(tmp_path, tiny_llama, tiny_gpt2):
     assert any("remove-input" in c.metadata.get("tags", []) for c in oracle_nb.cells
                if "injected-parameters" in c.metadata.get("tags", []))
     assert len(pd.read_parquet(tmp_path / "results" / "tiny" / "oracle.parquet")) == 3
+    report = execution_report(book)
+    assert set(report["notebook"]) == {"score-llama0.ipynb", "score-gpt20.ipynb", "oracle.ipynb"}
+    assert (report["seconds"] > 0).all()
     assert _run(path, tmp_path) == [f"[score]  dir:{tiny_llama}: cached (" + next(
         (tmp_path / "results" / "losses").glob("llama0--*.parquet")).name + ")",
         f"[score]  dir:{tiny_gpt2}: cached (" + next((tmp_path / "results" / "losses").glob("gpt20--*")).name + ")",
