@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -122,9 +123,17 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
 
 def _dir_fingerprint(path: Path) -> str:
     """sha256 over the names and contents of every file of a checkpoint directory."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    stats = tuple((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _hash_files(path, stats)
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_files(path: Path, stats: tuple[tuple[str, int, int], ...]) -> str:
+    """Hash the listed files once per process; a changed size or mtime is a new cache entry."""
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        h.update(f"{f.relative_to(path)}\0{sha256_file(f)}\n".encode())
+    for rel, _, _ in stats:
+        h.update(f"{rel}\0{sha256_file(path / rel)}\n".encode())
     return h.hexdigest()
 
 
