@@ -31,20 +31,25 @@ def all_pools(n_models: int) -> list[tuple[int, ...]]:
     return [c for k in range(1, n_models + 1) for c in itertools.combinations(range(n_models), k)]
 
 
+def _single_bpb(matrix: LossMatrix) -> list[float]:
+    """Each model's bits per byte, summed like pools are, so a pool of one has exactly zero gap."""
+    denominator = LN2 * matrix.n_bytes.sum()
+    return [oracle_nll(matrix.nll_nats, (j,)).sum() / denominator for j in range(len(matrix.models))]
+
+
+def _pool_row(matrix: LossMatrix, n_params: Sequence[int], single: Sequence[float], pool: tuple[int, ...]) -> dict:
+    """One pool's members, total parameters, oracle bpb, best single member and gap."""
+    best = min(pool, key=lambda j: (single[j], n_params[j]))
+    bpb = oracle_nll(matrix.nll_nats, pool).sum() / (LN2 * matrix.n_bytes.sum())
+    return {"pool": " + ".join(matrix.models[j] for j in pool), "n_models": len(pool),
+            "total_params": int(sum(n_params[j] for j in pool)), "oracle_bpb": bpb,
+            "best_single": matrix.models[best], "best_single_bpb": single[best], "gap_bpb": single[best] - bpb}
+
+
 def pool_table(matrix: LossMatrix, n_params: Sequence[int]) -> pd.DataFrame:
     """One row per pool: members, total parameters, oracle bpb, best single member, and the gap."""
-    denominator = LN2 * matrix.n_bytes.sum()
-    # Singles go through the same summation as pools, so a pool of one has exactly zero gap.
-    single = [oracle_nll(matrix.nll_nats, (j,)).sum() / denominator for j in range(len(matrix.models))]
-    rows = []
-    for pool in all_pools(len(matrix.models)):
-        best = min(pool, key=lambda j: (single[j], n_params[j]))
-        bpb = oracle_nll(matrix.nll_nats, pool).sum() / denominator
-        rows.append({"pool": " + ".join(matrix.models[j] for j in pool), "n_models": len(pool),
-                     "total_params": int(sum(n_params[j] for j in pool)), "oracle_bpb": bpb,
-                     "best_single": matrix.models[best], "best_single_bpb": single[best],
-                     "gap_bpb": single[best] - bpb})
-    return pd.DataFrame(rows)
+    single = _single_bpb(matrix)
+    return pd.DataFrame([_pool_row(matrix, n_params, single, pool) for pool in all_pools(len(matrix.models))])
 
 
 def win_shares(matrix: LossMatrix, n_params: Sequence[int], groups: pd.Series | None = None) -> pd.DataFrame:
@@ -68,8 +73,7 @@ def group_bpb(matrix: LossMatrix, groups: pd.Series) -> pd.DataFrame:
 
 def headline(matrix: LossMatrix, n_params: Sequence[int]) -> dict:
     """The chapter's numbers: best single model, full-pool oracle, gap, and each model's win share."""
-    table = pool_table(matrix, n_params)
-    full = table.iloc[-1]
+    full = _pool_row(matrix, n_params, _single_bpb(matrix), tuple(range(len(matrix.models))))
     shares = win_shares(matrix, n_params).iloc[0]
     return {"n_models": len(matrix.models), "n_samples": len(matrix.sample_ids),
             "best_single": full["best_single"], "best_single_bpb": float(full["best_single_bpb"]),

@@ -21,7 +21,7 @@ from mcl_utils.corpus import Corpus, CorpusSpec, load_corpus
 from mcl_utils.errors import UserError
 from mcl_utils.models import parse_spec
 from mcl_utils.scoring import ScoringSettings, target
-from mcl_utils.store import LossMatrix, canonical_json, load_matrix, read_provenance, slug
+from mcl_utils.store import LossMatrix, atomic_path, canonical_json, load_matrix, read_provenance, slug
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO_ROOT / "notebooks"
@@ -293,8 +293,6 @@ def experiment_summary(exp: Experiment) -> dict:
 
 def write_json(path: Path, data: dict) -> None:
     """Write JSON atomically."""
-    from mcl_utils.store import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
