@@ -73,3 +73,38 @@ def per_sample_scatter(df: pd.DataFrame, x: str, y: str) -> alt.Chart:
         tooltip=["sample_id", "genre", alt.Tooltip("x:Q", format=".3f", title=x),
                  alt.Tooltip("y:Q", format=".3f", title=y)])
     return (diagonal + points).properties(width=380, height=380)
+
+
+def law_fit(points: pd.DataFrame | None, curve: pd.DataFrame, x_title: str, y_title: str,
+            title: str) -> alt.Chart:
+    """Fitted curves on a log x axis, with observed points if given (both: columns x, y, series)."""
+    x = alt.X("x:Q", title=x_title, scale=alt.Scale(type="log"))
+    y = alt.Y("y:Q", title=y_title, scale=alt.Scale(zero=False))
+    line = alt.Chart(curve).mark_line(strokeWidth=2).encode(x=x, y=y, color=alt.Color("series:N", title=None))
+    if points is None:
+        return line.properties(title=title)
+    dots = alt.Chart(points).mark_point(filled=True, size=50).encode(
+        x=x, y=y, color=alt.Color("series:N", title=None),
+        tooltip=[alt.Tooltip("x:Q", format=".3g"), alt.Tooltip("y:Q", format=".4f"), "series"])
+    return (line + dots).properties(title=title)
+
+
+def pools_by_budget(pools: pd.DataFrame) -> alt.Chart:
+    """Oracle bits per byte of every pool against its total parameters, by homogeneous/heterogeneous."""
+    return alt.Chart(pools, title="Every pool: oracle bits per byte against total parameters").mark_point(
+        filled=True, size=60, opacity=0.7).encode(
+        x=alt.X("total_params:Q", title="total parameters of the pool", scale=alt.Scale(type="log")),
+        y=alt.Y("oracle_bpb:Q", title="oracle bits per byte", scale=alt.Scale(zero=False)),
+        color=alt.Color("kind:N", title=None), shape=alt.Shape("n_models:O", title="models in pool"),
+        tooltip=["pool", "families", alt.Tooltip("total_params:Q", format=","),
+                 alt.Tooltip("oracle_bpb:Q", format=".4f")])
+
+
+def residuals(df: pd.DataFrame, x_title: str) -> alt.Chart:
+    """Log residuals of a fit against x, with the zero line (columns: x, log_residual, series)."""
+    zero = alt.Chart(pd.DataFrame({"y": [0.0]})).mark_rule(color="gray", strokeDash=[4, 4]).encode(y="y:Q")
+    dots = alt.Chart(df).mark_point(filled=True, size=40).encode(
+        x=alt.X("x:Q", title=x_title, scale=alt.Scale(type="log")),
+        y=alt.Y("log_residual:Q", title="log(predicted) - log(observed)"),
+        color=alt.Color("series:N", title=None))
+    return (zero + dots).properties(title="Residuals of the fit", height=180)

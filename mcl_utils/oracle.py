@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
+import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -11,6 +13,13 @@ import pandas as pd
 from mcl_utils.store import LN2, LossMatrix
 
 MAX_EXACT_MODELS = 20
+BINS_PER_DECADE = 4  # budget bins for frontier and mean points
+CARD_COLUMNS = ("name", "family", "n_params_total", "n_params_non_embedding")
+
+
+def model_cards(matrix: LossMatrix) -> pd.DataFrame:
+    """Name, family and parameter counts of each model of a loss matrix, in matrix order."""
+    return pd.DataFrame([{c: prov["model"][c] for c in CARD_COLUMNS} for prov in matrix.provenance])
 
 
 def winners(nll_nats: np.ndarray, n_params: Sequence[int]) -> np.ndarray:
@@ -24,32 +33,175 @@ def oracle_nll(nll_nats: np.ndarray, pool: Sequence[int]) -> np.ndarray:
     return nll_nats[:, list(pool)].min(axis=1)
 
 
-def all_pools(n_models: int) -> list[tuple[int, ...]]:
-    """Every non-empty subset of n models, smallest pools first."""
+# ---------------------------------------------------------------- pools as bit masks
+
+
+def _subset_reduce(values: np.ndarray, op: np.ufunc, identity: object) -> np.ndarray:
+    """op-reduction of `values` over every subset, indexed by bit mask (bit j = item j); entry 0 is identity.
+
+    Doubling: the subsets containing item j are those without it, combined with item j."""
+    out = np.empty((1 << len(values),) + values.shape[1:], dtype=values.dtype)
+    out[0] = identity
+    for j in range(len(values)):
+        op(out[:1 << j], values[j], out=out[1 << j:2 << j])
+    return out
+
+
+def all_pool_nll_sums(nll_nats: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """Summed oracle loss of every pool, indexed by bit mask minus one: exact, 2^n - 1 values.
+
+    The models are split in two halves; the per-sample minima of every subset of each half are built by
+    doubling (2^(n/2) rows each), and each pool is the minimum of one row from each half, summed over
+    samples. Work is n_samples x 2^n elementwise minima, spread over threads; memory is 2 x 2^(n/2) rows."""
+    n_samples, n_models = nll_nats.shape
     if n_models > MAX_EXACT_MODELS:
-        raise ValueError(f"{n_models} models make 2^{n_models} pools; sample pools instead")
-    return [c for k in range(1, n_models + 1) for c in itertools.combinations(range(n_models), k)]
+        raise ValueError(f"{n_models} models make 2^{n_models} pools; use sample_pools instead")
+    half = (n_models + 1) // 2
+    columns = np.ascontiguousarray(nll_nats.T, dtype=np.float64)
+    low = _subset_reduce(columns[:half], np.minimum, np.inf)
+    high = _subset_reduce(columns[half:], np.minimum, np.inf)
+    sums = np.empty((len(high), len(low)))
+
+    def work(rows: np.ndarray) -> None:
+        buffer = np.empty_like(low)
+        for h in rows:
+            np.minimum(low, high[h], out=buffer)
+            sums[h] = buffer.sum(axis=1)
+
+    threads = threads or min(os.cpu_count() or 1, 8)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(work, np.array_split(np.arange(len(high)), 4 * threads)))
+    return sums.reshape(-1)[1:]
 
 
-def _single_bpb(matrix: LossMatrix) -> list[float]:
-    """Each model's bits per byte, summed like pools are, so a pool of one has exactly zero gap."""
-    denominator = LN2 * matrix.n_bytes.sum()
-    return [oracle_nll(matrix.nll_nats, (j,)).sum() / denominator for j in range(len(matrix.models))]
+def sample_pools(n_models: int, per_size: int, seed: int = 0) -> list[tuple[int, ...]]:
+    """A seeded sample of pools stratified by size: every pool of a size with at most `per_size` pools,
+    else `per_size` distinct pools of that size drawn uniformly."""
+    rng = np.random.default_rng(seed)
+    pools = []
+    for k in range(1, n_models + 1):
+        if math.comb(n_models, k) <= per_size:
+            pools += [tuple(np.flatnonzero(row)) for row in _combinations_mask(n_models, k)]
+            continue
+        chosen: set[tuple[int, ...]] = set()
+        while len(chosen) < per_size:
+            chosen.add(tuple(sorted(rng.choice(n_models, size=k, replace=False).tolist())))
+        pools += sorted(chosen)
+    return [tuple(int(j) for j in p) for p in pools]
 
 
-def _pool_row(matrix: LossMatrix, n_params: Sequence[int], single: Sequence[float], pool: tuple[int, ...]) -> dict:
-    """One pool's members, total parameters, oracle bpb, best single member and gap."""
-    best = min(pool, key=lambda j: (single[j], n_params[j]))
-    bpb = oracle_nll(matrix.nll_nats, pool).sum() / (LN2 * matrix.n_bytes.sum())
-    return {"pool": " + ".join(matrix.models[j] for j in pool), "n_models": len(pool),
-            "total_params": int(sum(n_params[j] for j in pool)), "oracle_bpb": bpb,
-            "best_single": matrix.models[best], "best_single_bpb": single[best], "gap_bpb": single[best] - bpb}
+def _combinations_mask(n: int, k: int) -> np.ndarray:
+    """Boolean membership rows of every k-subset of n items, in lexicographic order."""
+    from itertools import combinations
+
+    rows = np.zeros((math.comb(n, k), n), dtype=bool)
+    for i, c in enumerate(combinations(range(n), k)):
+        rows[i, list(c)] = True
+    return rows
 
 
-def pool_table(matrix: LossMatrix, n_params: Sequence[int]) -> pd.DataFrame:
-    """One row per pool: members, total parameters, oracle bpb, best single member, and the gap."""
-    single = _single_bpb(matrix)
-    return pd.DataFrame([_pool_row(matrix, n_params, single, pool) for pool in all_pools(len(matrix.models))])
+def _pool_masks(n_models: int) -> np.ndarray:
+    """Every non-empty pool as a boolean membership row, indexed by bit mask minus one."""
+    masks = np.arange(1, 1 << n_models)
+    return (masks[:, None] >> np.arange(n_models)) & 1 == 1
+
+
+# ---------------------------------------------------------------- the pool table
+
+
+def pool_table(matrix: LossMatrix, cards: pd.DataFrame, per_size: int = 200, seed: int = 0) -> pd.DataFrame:
+    """One row per pool: members, total and non-embedding parameters, families, homogeneous or
+    heterogeneous, oracle bits per byte, best single member and the gap.
+
+    All 2^n - 1 pools when n <= 20 (attrs["sampled"] False); else `sample_pools(n, per_size, seed)`."""
+    n_models = len(matrix.models)
+    exact = n_models <= MAX_EXACT_MODELS
+    if exact:
+        members = _pool_masks(n_models)
+        nll_sums = all_pool_nll_sums(matrix.nll_nats)
+    else:
+        pools = sample_pools(n_models, per_size, seed)
+        members = np.zeros((len(pools), n_models), dtype=bool)
+        for i, p in enumerate(pools):
+            members[i, list(p)] = True
+        nll_sums = np.array([oracle_nll(matrix.nll_nats, p).sum() for p in pools])
+    table = _describe_pools(matrix, cards, members, nll_sums)
+    table = table.sort_values("n_models", kind="stable").reset_index(drop=True)
+    table.attrs["sampled"] = not exact
+    return table
+
+
+def _describe_pools(matrix: LossMatrix, cards: pd.DataFrame, members: np.ndarray,
+                    nll_sums: np.ndarray) -> pd.DataFrame:
+    """Pool rows from membership rows (n_pools x n_models) and each pool's summed oracle loss."""
+    names = np.asarray(matrix.models, dtype=object)
+    total_bytes = LN2 * matrix.n_bytes.sum()
+    single = np.ascontiguousarray(matrix.nll_nats.T).sum(axis=1) / total_bytes  # summed as pools are
+    n_params = cards["n_params_total"].to_numpy(np.int64)
+    rank = np.lexsort((n_params, single))  # best single member: lowest bpb, ties to fewer parameters
+    position = np.empty(len(rank), dtype=np.int64)
+    position[rank] = np.arange(len(rank))
+    best = rank[np.where(members, position, len(rank)).min(axis=1)]
+    codes, family_names = pd.factorize(cards["family"])
+    has_family = members.astype(np.int64) @ np.eye(len(family_names), dtype=np.int64)[codes] > 0
+    family_key = has_family @ (1 << np.arange(len(family_names)))
+    labels = {k: " + ".join(family_names[(k >> np.arange(len(family_names))) & 1 == 1]) for k in set(family_key)}
+    bpb = nll_sums / total_bytes
+    return pd.DataFrame({
+        "pool": [" + ".join(names[row]) for row in members],
+        "n_models": members.sum(axis=1),
+        "total_params": members.astype(np.int64) @ n_params,
+        "non_embedding_params": members.astype(np.int64) @ cards["n_params_non_embedding"].to_numpy(np.int64),
+        "families": [labels[k] for k in family_key],
+        "kind": np.where(has_family.sum(axis=1) > 1, "heterogeneous", "homogeneous"),
+        "oracle_bpb": bpb,
+        "best_single": names[best],
+        "best_single_bpb": single[best],
+        "gap_bpb": single[best] - bpb,
+    })
+
+
+def pool_minima(matrix: LossMatrix, pools: Sequence[str]) -> np.ndarray:
+    """Per-sample oracle losses (n_samples x n_pools) of pools named as in the pool table ("a + b")."""
+    index = {m: j for j, m in enumerate(matrix.models)}
+    return np.column_stack([oracle_nll(matrix.nll_nats, [index[m] for m in p.split(" + ")]) for p in pools])
+
+
+def budget_minima(matrix: LossMatrix, pools: pd.Series, bins: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """Per-sample mean, over the pools of each bin, of the pools' per-sample oracle losses (samples x bins):
+    the per-sample losses behind budget_points(..., "mean"), accumulated in chunks to bound memory."""
+    out = np.zeros((len(matrix.sample_ids), len(np.unique(bins))))
+    for column, b in enumerate(np.unique(bins)):
+        members = pools[bins == b].tolist()
+        for start in range(0, len(members), chunk):
+            out[:, column] += pool_minima(matrix, members[start:start + chunk]).sum(axis=1)
+        out[:, column] /= len(members)
+    return out
+
+
+def budget_bins(table: pd.DataFrame, budget: str = "total_params", bins_per_decade: int = BINS_PER_DECADE
+                ) -> np.ndarray:
+    """Index of each pool's log-spaced budget bin."""
+    return np.floor(np.log10(table[budget].to_numpy(float)) * bins_per_decade + 1e-9).astype(int)
+
+
+def budget_points(table: pd.DataFrame, stat: str, budget: str = "total_params",
+                  bins_per_decade: int = BINS_PER_DECADE) -> pd.DataFrame:
+    """Pools grouped into log-spaced bins of parameter budget: the best pool of each bin ("frontier")
+    or the bin's mean bits per byte at its geometric-mean budget ("mean")."""
+    if stat not in ("frontier", "mean"):
+        raise ValueError(f"stat must be 'frontier' or 'mean', not {stat!r}")
+    bins = budget_bins(table, budget, bins_per_decade)
+    grouped = table.assign(bin=bins).groupby("bin")
+    if stat == "frontier":
+        best = table.loc[grouped["oracle_bpb"].idxmin()]
+        return pd.DataFrame({"params": best[budget].to_numpy(float), "bpb": best["oracle_bpb"].to_numpy(),
+                             "n_pools": grouped.size().to_numpy(), "pool": best["pool"].to_numpy()})
+    return pd.DataFrame({"params": np.exp(grouped[budget].apply(lambda s: np.log(s.to_numpy(float)).mean())),
+                         "bpb": grouped["oracle_bpb"].mean(), "n_pools": grouped.size()}).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- who wins, where
 
 
 def win_shares(matrix: LossMatrix, n_params: Sequence[int], groups: pd.Series | None = None) -> pd.DataFrame:
@@ -71,10 +223,11 @@ def group_bpb(matrix: LossMatrix, groups: pd.Series) -> pd.DataFrame:
     return bpb.reset_index(names="group").melt(id_vars="group", var_name="series", value_name="bpb")
 
 
-def headline(matrix: LossMatrix, n_params: Sequence[int]) -> dict:
+def headline(matrix: LossMatrix, cards: pd.DataFrame) -> dict:
     """The chapter's numbers: best single model, full-pool oracle, gap, and each model's win share."""
-    full = _pool_row(matrix, n_params, _single_bpb(matrix), tuple(range(len(matrix.models))))
-    shares = win_shares(matrix, n_params).iloc[0]
+    everyone = np.ones((1, len(matrix.models)), dtype=bool)
+    full = _describe_pools(matrix, cards, everyone, np.array([matrix.nll_nats.min(axis=1).sum()])).iloc[0]
+    shares = win_shares(matrix, cards["n_params_total"]).iloc[0]
     return {"n_models": len(matrix.models), "n_samples": len(matrix.sample_ids),
             "best_single": full["best_single"], "best_single_bpb": float(full["best_single_bpb"]),
             "oracle_bpb": float(full["oracle_bpb"]), "gap_bpb": float(full["gap_bpb"]),
@@ -87,3 +240,11 @@ def per_group_choice_bpb(matrix: LossMatrix, groups: pd.Series) -> float:
     """Bits per byte when one model is chosen per group (its best on that group) instead of per sample."""
     sums = pd.DataFrame(matrix.nll_nats, columns=matrix.models).groupby(groups.to_numpy()).sum()
     return float(sums.min(axis=1).sum() / (LN2 * matrix.n_bytes.sum()))
+
+
+def per_token_winner_flips(matrix: LossMatrix) -> float:
+    """Share of samples whose winner changes when models are compared by mean loss per token instead of
+    by summed loss (the per-token comparison is wrong across tokenizers)."""
+    by_sum = np.argmin(matrix.nll_nats, axis=1)
+    by_token = np.argmin(matrix.nll_nats / matrix.n_tokens, axis=1)
+    return float(np.mean(by_sum != by_token))

@@ -20,6 +20,7 @@ import mcl_utils
 from mcl_utils.corpus import Corpus, CorpusSpec, load_corpus
 from mcl_utils.errors import UserError
 from mcl_utils.models import parse_spec
+from mcl_utils.oracle import model_cards
 from mcl_utils.scoring import ScoringSettings, target
 from mcl_utils.store import LossMatrix, atomic_path, canonical_json, load_matrix, read_provenance, slug
 
@@ -28,7 +29,7 @@ NOTEBOOKS = REPO_ROOT / "notebooks"
 GENERATED = REPO_ROOT / "book" / "generated"
 RESULTS = REPO_ROOT / "results"
 HIDDEN_TAGS = {"parameters", "injected-parameters"}
-ANALYSES = ("oracle",)
+ANALYSES = ("oracle", "laws")
 LIBRARY_VERSIONS = ("torch", "transformers", "numpy", "pandas", "scipy", "altair", "papermill", "jupyter-book",
                     "myst-nb", "sphinx")
 
@@ -44,6 +45,7 @@ class Experiment:
     models: tuple[str, ...] = ()
     scoring: ScoringSettings = ScoringSettings()
     analyses: tuple[str, ...] = ANALYSES
+    bootstrap_resamples: int = 1000
     results_dir: Path = RESULTS
     generated_dir: Path = GENERATED
 
@@ -91,7 +93,7 @@ def load_experiment(path: str | Path, results_dir: Path = RESULTS, generated_dir
         raise UserError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}); fix: check its syntax") from exc
     if not isinstance(raw, dict):
         raise UserError(f"{path} must be a YAML mapping; fix: start from experiments/offline-llms.yaml")
-    allowed = {"name", "description", "corpus", "models", "scoring", "analyses"}
+    allowed = {"name", "description", "corpus", "models", "scoring", "analyses", "bootstrap_resamples"}
     if set(raw) - allowed:
         raise UserError(f"{path}: unknown key(s) {sorted(set(raw) - allowed)}; fix: use only {sorted(allowed)}")
     name = raw.get("name")
@@ -109,9 +111,13 @@ def load_experiment(path: str | Path, results_dir: Path = RESULTS, generated_dir
     unknown = [a for a in analyses if a not in ANALYSES]
     if unknown:
         raise UserError(f"{path}: unknown analyses {unknown}; fix: choose from {list(ANALYSES)}")
+    resamples = raw.get("bootstrap_resamples", Experiment.bootstrap_resamples)
+    if not isinstance(resamples, int) or isinstance(resamples, bool) or resamples < 1:
+        raise UserError(f"{path}: 'bootstrap_resamples' must be a positive integer; fix: e.g. 1000")
     return Experiment(name=name, path=path.resolve(), description=raw.get("description", ""),
                       corpus=_section(raw, "corpus", CorpusSpec, path), models=tuple(models),
                       scoring=_section(raw, "scoring", ScoringSettings, path), analyses=tuple(analyses),
+                      bootstrap_resamples=resamples,
                       results_dir=Path(results_dir), generated_dir=Path(generated_dir))
 
 
@@ -126,8 +132,8 @@ def loss_table_paths(exp: Experiment, corpus: Corpus | None = None) -> dict[str,
     return {m: target(m, corpus, exp.losses_dir, exp.scoring).path for m in exp.models}
 
 
-def experiment_matrix(exp: Experiment) -> tuple[LossMatrix, pd.DataFrame, list[int]]:
-    """The experiment's aligned loss matrix, its samples' metadata in matrix order, and parameter counts."""
+def experiment_matrix(exp: Experiment) -> tuple[LossMatrix, pd.DataFrame, pd.DataFrame]:
+    """The experiment's aligned loss matrix, its samples' metadata and its model cards, in matrix order."""
     corpus = experiment_corpus(exp)
     paths = loss_table_paths(exp, corpus)
     missing = [m for m, p in paths.items() if not p.exists()]
@@ -135,7 +141,7 @@ def experiment_matrix(exp: Experiment) -> tuple[LossMatrix, pd.DataFrame, list[i
         raise UserError(f"no loss table for {missing} on this corpus; fix: run `mcl run {exp.path}`")
     matrix = load_matrix(list(paths.values()))
     samples = corpus.samples.set_index("sample_id").loc[matrix.sample_ids].reset_index()
-    return matrix, samples, [prov["model"]["n_params_total"] for prov in matrix.provenance]
+    return matrix, samples, model_cards(matrix)
 
 
 # ---------------------------------------------------------------- executing notebooks
@@ -288,11 +294,21 @@ def experiment_summary(exp: Experiment) -> dict:
     """The experiment as plain data, for provenance JSON."""
     return {"name": exp.name, "file": exp.path.name, "models": list(exp.models),
             "corpus": dataclasses.asdict(exp.corpus), "scoring": dataclasses.asdict(exp.scoring),
+            "bootstrap_resamples": exp.bootstrap_resamples,
             "experiment_sha256": hashlib.sha256(exp.path.read_bytes()).hexdigest()}
 
 
+def _nan_to_none(value: object) -> object:
+    """JSON has no NaN: missing numbers become null, recursively."""
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return None if isinstance(value, float) and value != value else value
+
+
 def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically."""
+    """Write JSON atomically (strict JSON: NaN is written as null)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(_nan_to_none(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
 

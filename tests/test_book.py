@@ -46,10 +46,14 @@ def test_book_has_every_chapter(built_book):
     """The table of contents' pages are all built, with glued numbers filled in."""
     names = {p.relative_to(built_book).as_posix() for p in _pages(built_book)}
     for page in ("index.html", "book/intro.html", "book/measuring.html", "book/coming.html", "book/data.html",
-                 "book/generated/offline-llms/oracle.html", "book/generated/offline-llms/status.html"):
+                 "book/generated/offline-llms/oracle.html", "book/generated/offline-llms/laws.html",
+                 "book/generated/offline-llms/status.html"):
         assert page in names
     oracle = (built_book / "book/generated/offline-llms/oracle.html").read_text()
     assert re.search(r"reaches\s*<span[^>]*>\s*1\.\d{4}", oracle), "glued bits per byte missing"
+    fitting = (built_book / "book/generated/offline-llms/laws.html").read_text()
+    assert re.search(r"are fitted back to\s*<span[^>]*>.*?</span>\s*<span[^>]*>0\.3\d\d</span>", fitting), \
+        "glued exponent missing"
     assert "score-" not in " ".join(names), "scoring notebooks are stages, not chapters"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -20,6 +21,13 @@ def _matrix(nll: np.ndarray, n_bytes: np.ndarray | None = None) -> LossMatrix:
                       n_tokens=np.full((n, m), 10), provenance=[{}] * m)
 
 
+def _cards(n_params: list[int], families: list[str] | None = None) -> pd.DataFrame:
+    """Model cards for synthetic models m0, m1, ...: non-embedding parameters are half the total."""
+    return pd.DataFrame({"name": [f"m{j}" for j in range(len(n_params))],
+                         "family": families or ["f"] * len(n_params), "n_params_total": n_params,
+                         "n_params_non_embedding": [p // 2 for p in n_params]})
+
+
 losses = st.integers(2, 5).flatmap(lambda m: arrays(np.float64, (12, m), elements=st.floats(0.1, 50)))
 
 
@@ -33,7 +41,7 @@ def test_ties_go_to_fewer_parameters():
 @given(losses)
 def test_adding_a_model_never_raises_the_oracle_loss(nll):
     """Every pool's oracle loss is at most that of each of its sub-pools."""
-    table = oracle.pool_table(_matrix(nll), list(range(1, nll.shape[1] + 1))).set_index("pool")["oracle_bpb"]
+    table = oracle.pool_table(_matrix(nll), _cards(list(range(1, nll.shape[1] + 1)))).set_index("pool")["oracle_bpb"]
     for pool in table.index:
         members = pool.split(" + ")
         for drop in members if len(members) > 1 else []:
@@ -45,19 +53,70 @@ def test_adding_a_model_never_raises_the_oracle_loss(nll):
 def test_pool_of_one_is_that_model(nll):
     """A single-model pool's oracle bits per byte is the model's own, with zero gap."""
     matrix = _matrix(nll)
-    table = oracle.pool_table(matrix, [1] * nll.shape[1])
+    table = oracle.pool_table(matrix, _cards([1] * nll.shape[1]))
     singles = table[table["n_models"] == 1]
     np.testing.assert_allclose(singles["oracle_bpb"], matrix.corpus_bpb().to_numpy())
     assert (singles["gap_bpb"] == 0).all()
 
 
 def test_pool_table_and_shares_by_group():
-    """All 2^n - 1 pools with total parameters; win shares per group sum to one."""
+    """All 2^n - 1 pools with total and non-embedding parameters; win shares per group sum to one."""
     nll = np.array([[1.0, 2.0], [2.0, 1.0], [1.0, 3.0]])
     matrix = _matrix(nll, np.array([10, 20, 30]))
-    table = oracle.pool_table(matrix, [5, 7])
-    assert table["total_params"].tolist() == [5, 7, 12]
-    assert table["oracle_bpb"].iloc[-1] == (1 + 1 + 1) / (LN2 * 60)
+    table = oracle.pool_table(matrix, _cards([6, 8]))
+    assert table["total_params"].tolist() == [6, 8, 14] and table["non_embedding_params"].tolist() == [3, 4, 7]
+    assert table["oracle_bpb"].iloc[-1] == (1 + 1 + 1) / (LN2 * 60) and not table.attrs["sampled"]
     shares = oracle.win_shares(matrix, [5, 7], pd.Series(["a", "a", "b"]))
     assert shares.loc["a"].tolist() == [0.5, 0.5] and shares.loc["b"].tolist() == [1.0, 0.0]
     assert oracle.per_group_choice_bpb(matrix, pd.Series(["a", "a", "b"])) == (3 + 1) / (LN2 * 60)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 7).flatmap(lambda m: arrays(np.float64, (9, m), elements=st.floats(0.1, 50))))
+def test_all_pools_engine_equals_a_loop_over_pools(nll):
+    """The split-and-double engine gives each pool exactly the sum a per-pool loop gives."""
+    sums = oracle.all_pool_nll_sums(nll, threads=2)
+    for mask in range(1, 2 ** nll.shape[1]):
+        members = [j for j in range(nll.shape[1]) if mask >> j & 1]
+        assert sums[mask - 1] == nll[:, members].min(axis=1).sum()
+
+
+def test_families_and_kinds():
+    """A pool is homogeneous when all its members share a family, else heterogeneous."""
+    table = oracle.pool_table(_matrix(np.ones((4, 3))), _cards([1, 2, 3], ["qwen", "qwen", "llama"]))
+    kinds = table.set_index("pool")[["families", "kind"]]
+    assert kinds.loc["m0 + m1"].tolist() == ["qwen", "homogeneous"]
+    assert kinds.loc["m1 + m2"].tolist() == ["qwen + llama", "heterogeneous"]
+    assert kinds.loc["m2"].tolist() == ["llama", "homogeneous"]
+
+
+def test_more_than_twenty_models_are_sampled_by_size():
+    """Above 20 models the table holds a seeded sample: all pools of small sizes, per_size of the others."""
+    rng = np.random.default_rng(0)
+    nll = rng.gamma(3.0, 10.0, (30, 22))
+    matrix = _matrix(nll)
+    table = oracle.pool_table(matrix, _cards(list(range(1, 23))), per_size=40, seed=5)
+    counts = table["n_models"].value_counts().sort_index()
+    assert table.attrs["sampled"] and counts[1] == 22 and counts[2] == 40 and counts[21] == 22 and counts[22] == 1
+    assert table["pool"].is_unique
+    assert table.equals(oracle.pool_table(matrix, _cards(list(range(1, 23))), per_size=40, seed=5))
+    row = table.iloc[100]
+    assert row["oracle_bpb"] == pytest.approx(oracle.pool_minima(matrix, [row["pool"]]).sum() / (LN2 * 3000))
+
+
+def test_budget_points():
+    """The frontier takes each budget bin's best pool; the mean averages the bin."""
+    table = pd.DataFrame({"pool": list("abcd"), "total_params": [100, 120, 1000, 1100],
+                          "oracle_bpb": [1.0, 0.8, 0.5, 0.7]})
+    frontier = oracle.budget_points(table, "frontier", bins_per_decade=1)
+    assert frontier["pool"].tolist() == ["b", "c"] and frontier["params"].tolist() == [120, 1000]
+    mean = oracle.budget_points(table, "mean", bins_per_decade=1)
+    assert mean["bpb"].tolist() == pytest.approx([0.9, 0.6]) and mean["n_pools"].tolist() == [2, 2]
+
+
+def test_per_token_comparison_flips_winners():
+    """Per-token means favour the model with more tokens per text; summed losses do not."""
+    matrix = LossMatrix(sample_ids=np.array(["s0", "s1"]), models=["fine", "coarse"],
+                        nll_nats=np.array([[30.0, 25.0], [10.0, 12.0]]), n_bytes=np.array([50, 50]),
+                        n_tokens=np.array([[20, 10], [20, 10]]), provenance=[{}, {}])
+    assert oracle.per_token_winner_flips(matrix) == 0.5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def _experiment(tmp_path: Path, models: list[str], name: str = "tiny") -> Path:
     pd.DataFrame({"text": TEXTS * 2, "genre": ["news", "fiction"] * len(TEXTS)}).to_parquet(corpus)
     spec = {"name": name, "description": "tiny random models", "models": models,
             "corpus": {"source": str(corpus), "n_samples": None, "min_words": 0},
-            "scoring": {"device": "cpu", "dtype": "float32", "max_length": 32}}
+            "scoring": {"device": "cpu", "dtype": "float32", "max_length": 32}, "bootstrap_resamples": 20}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -42,24 +43,27 @@ def test_run_scores_analyses_and_then_caches(tmp_path, tiny_llama, tiny_gpt2):
     assert sum("scored" in line for line in first) == 2 and "[oracle]  executed" in first[2]
     book = tmp_path / "generated" / "tiny"
     assert {p.name for p in book.glob("*.ipynb")} == {"score-llama0.ipynb", "score-gpt20.ipynb", "oracle.ipynb",
-                                                     "status.ipynb"}
+                                                     "laws.ipynb", "status.ipynb"}
     oracle_nb = nbformat.read(book / "oracle.ipynb", as_version=4)
     assert any("remove-input" in c.metadata.get("tags", []) for c in oracle_nb.cells
                if "injected-parameters" in c.metadata.get("tags", []))
     assert len(pd.read_parquet(tmp_path / "results" / "tiny" / "oracle.parquet")) == 3
+    fits = json.loads((tmp_path / "results" / "tiny" / "fits.json").read_text())
+    assert not fits["laws"]["single models"]["fitted"]
+    assert "needs at least 4 points, got 2" in fits["laws"]["single models"]["reason"]
     report = execution_report(book)
-    assert set(report["notebook"]) == {"score-llama0.ipynb", "score-gpt20.ipynb", "oracle.ipynb"}
+    assert set(report["notebook"]) == {"score-llama0.ipynb", "score-gpt20.ipynb", "oracle.ipynb", "laws.ipynb"}
     assert (report["seconds"] > 0).all()
     assert _run(path, tmp_path) == [f"[score]  dir:{tiny_llama}: cached (" + next(
         (tmp_path / "results" / "losses").glob("llama0--*.parquet")).name + ")",
         f"[score]  dir:{tiny_gpt2}: cached (" + next((tmp_path / "results" / "losses").glob("gpt20--*")).name + ")",
-        "[oracle]  cached", "[status] cached"]
+        "[oracle]  cached", "[laws]  cached", "[status] cached"]
     third = build_tiny_model(tmp_path / "llama-b", "llama", seed=1)
     added = _run(_experiment(tmp_path, [f"dir:{tiny_llama}", f"dir:{tiny_gpt2}", f"dir:{third}"]), tmp_path)
     assert added[0].startswith(f"[score]  dir:{tiny_llama}: cached")
     assert added[1].startswith(f"[score]  dir:{tiny_gpt2}: cached")
     assert added[2].startswith(f"[score]  dir:{third}: scored")
-    assert "[oracle]  executed" in added[3]
+    assert "[oracle]  executed" in added[3] and "[laws]  executed" in added[4]
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -70,6 +74,7 @@ def test_run_scores_analyses_and_then_caches(tmp_path, tiny_llama, tiny_gpt2):
     (lambda d: d["scoring"].update(gpu=True), "unknown scoring setting"),
     (lambda d: d.update(name="has space"), "simple identifier"),
     (lambda d: d.update(analyses=["telepathy"]), "unknown analyses"),
+    (lambda d: d.update(bootstrap_resamples=0), "positive integer"),
 ])
 def test_bad_experiments_are_one_line_errors(tmp_path, edit, message):
     """Each mistake in an experiment file names the problem and the fix."""
