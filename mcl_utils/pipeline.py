@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import json
 import os
 import platform
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +19,7 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import yaml
+from jupyter_client.manager import AsyncKernelManager
 
 import mcl_utils
 from mcl_utils.corpus import Corpus, CorpusSpec, load_corpus
@@ -169,6 +174,23 @@ def _hide_parameter_cells(path: Path, key: str | None) -> None:
     nbformat.write(nb, path)
 
 
+class LocalKernelManager(AsyncKernelManager):
+    """Kernels reached over IPC sockets in a private directory of this process, never over TCP."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.transport = "ipc"
+        self.ip = str(_socket_dir() / "kernel")
+
+
+@functools.cache
+def _socket_dir() -> Path:
+    """A private directory for kernel sockets, removed when the process exits."""
+    path = Path(tempfile.mkdtemp(prefix="mcl-kernels-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def execute(notebook: Path, output: Path, parameters: dict, key: str | None = None) -> float:
     """Execute a notebook with papermill into `output`; a failure names the notebook and the cell."""
     import papermill
@@ -180,7 +202,7 @@ def execute(notebook: Path, output: Path, parameters: dict, key: str | None = No
     start = time.perf_counter()
     try:
         papermill.execute_notebook(str(notebook), str(tmp), parameters=parameters, kernel_name="python3",
-                                   progress_bar=False, cwd=str(REPO_ROOT))
+                                   progress_bar=False, cwd=str(REPO_ROOT), kernel_manager_class=LocalKernelManager)
     except PapermillExecutionError as exc:
         failed = output.with_name(f"{output.stem}.failed.ipynb")
         os.replace(tmp, failed)
