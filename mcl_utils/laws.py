@@ -131,7 +131,6 @@ MERGING = LawForm(
     nonlinear=(Param("beta", 0.0, 2.0, n_grid=21), Param("gamma", 0.0, 2.0, n_grid=21, lower_is_physical=True),
                Param("b", 0.0, 5.0, n_grid=11, lower_is_physical=True)),
     basis=_merging_basis, basis_grad=_merging_grad)
-FORMS = {f.name: f for f in (POWER_LAW, CHINCHILLA, MERGING)}
 
 
 # ---------------------------------------------------------------- the objective

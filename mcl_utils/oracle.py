@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from itertools import combinations
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -78,26 +79,16 @@ def sample_pools(n_models: int, per_size: int, seed: int = 0) -> list[tuple[int,
     """A seeded sample of pools stratified by size: every pool of a size with at most `per_size` pools,
     else `per_size` distinct pools of that size drawn uniformly."""
     rng = np.random.default_rng(seed)
-    pools = []
+    pools: list[tuple[int, ...]] = []
     for k in range(1, n_models + 1):
         if math.comb(n_models, k) <= per_size:
-            pools += [tuple(np.flatnonzero(row)) for row in _combinations_mask(n_models, k)]
+            pools += combinations(range(n_models), k)
             continue
         chosen: set[tuple[int, ...]] = set()
         while len(chosen) < per_size:
-            chosen.add(tuple(sorted(rng.choice(n_models, size=k, replace=False).tolist())))
+            chosen.add(tuple(sorted(int(j) for j in rng.choice(n_models, size=k, replace=False))))
         pools += sorted(chosen)
-    return [tuple(int(j) for j in p) for p in pools]
-
-
-def _combinations_mask(n: int, k: int) -> np.ndarray:
-    """Boolean membership rows of every k-subset of n items, in lexicographic order."""
-    from itertools import combinations
-
-    rows = np.zeros((math.comb(n, k), n), dtype=bool)
-    for i, c in enumerate(combinations(range(n), k)):
-        rows[i, list(c)] = True
-    return rows
+    return pools
 
 
 def _pool_masks(n_models: int) -> np.ndarray:
