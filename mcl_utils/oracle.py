@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import os
-from itertools import combinations
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import combinations
 
 import numpy as np
 import pandas as pd
@@ -37,14 +37,15 @@ def oracle_nll(nll_nats: np.ndarray, pool: Sequence[int]) -> np.ndarray:
 # ---------------------------------------------------------------- pools as bit masks
 
 
-def _subset_reduce(values: np.ndarray, op: np.ufunc, identity: object) -> np.ndarray:
-    """op-reduction of `values` over every subset, indexed by bit mask (bit j = item j); entry 0 is identity.
+def _subset_minima(columns: np.ndarray) -> np.ndarray:
+    """Per-sample minimum over every subset of the rows of `columns` (items x samples), indexed by bit
+    mask (bit j = item j); entry 0, the empty subset, is +inf.
 
     Doubling: the subsets containing item j are those without it, combined with item j."""
-    out = np.empty((1 << len(values),) + values.shape[1:], dtype=values.dtype)
-    out[0] = identity
-    for j in range(len(values)):
-        op(out[:1 << j], values[j], out=out[1 << j:2 << j])
+    out = np.empty((1 << len(columns), columns.shape[1]))
+    out[0] = np.inf
+    for j in range(len(columns)):
+        np.minimum(out[:1 << j], columns[j], out=out[1 << j:2 << j])
     return out
 
 
@@ -59,8 +60,7 @@ def all_pool_nll_sums(nll_nats: np.ndarray, threads: int | None = None) -> np.nd
         raise ValueError(f"{n_models} models make 2^{n_models} pools; use sample_pools instead")
     half = (n_models + 1) // 2
     columns = np.ascontiguousarray(nll_nats.T, dtype=np.float64)
-    low = _subset_reduce(columns[:half], np.minimum, np.inf)
-    high = _subset_reduce(columns[half:], np.minimum, np.inf)
+    low, high = _subset_minima(columns[:half]), _subset_minima(columns[half:])
     sums = np.empty((len(high), len(low)))
 
     def work(rows: np.ndarray) -> None:
