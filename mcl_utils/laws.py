@@ -303,8 +303,8 @@ def fit(form: LawForm, points: pd.DataFrame, target: str, weight: str | None = N
     """Fit `form` to `points[target]` by weighted Huber on log residuals (summed, never averaged).
 
     Variable projection over the grid of the nonlinear parameters gives one start per basin of the grid
-    objective; each of the best `n_starts` is refined by trust-region least squares within bounds; the best refined optimum wins.
-    `exclude` maps row labels to the reason they are left out (shown on the fit card)."""
+    objective; each of the best `n_starts` is refined by trust-region least squares within bounds, and the
+    best refined optimum wins. `exclude` maps row labels to the reason they are left out (on the fit card)."""
     exclude = dict(exclude or {})
     table = points.copy()
     table["weight"] = table[weight].astype(float) if weight else 1.0
