@@ -27,7 +27,7 @@ from mcl_utils.models import (LoadedModel, card_dict, load_model, model_identity
 from mcl_utils.store import cache_key, check_losses, loss_table_path, read_provenance, write_loss_table
 
 # Bump when a change to this module can change any number it writes: every cached table is then rescored.
-SCORER_VERSION = "1"
+SCORER_VERSION = "2"
 # What the numbers depend on besides the model, the corpus and the dtype (goes into the cache key).
 CONVENTIONS = {
     "tokenize": "raw text, no special tokens",
@@ -106,26 +106,68 @@ def default_batch_tokens(vocab_size: int, device: torch.device, dtype: torch.dty
     return int(np.clip(budget_bytes // (vocab_size * itemsize), 256, cap))
 
 
+# Float32 logits handled at once in the loss of one batch: on a CPU, chunks above glibc's 32 MiB mmap
+# threshold cost page faults on every allocation; a GPU's caching allocator makes big chunks cheap.
+LOSS_CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 2 << 30}
+
+
+@torch.inference_mode()
+def forward(loaded: LoadedModel, rows: Sequence[Row]) -> tuple[torch.Tensor, np.ndarray]:
+    """Logits of one right-padded batch of rows, and each row's input length."""
+    lengths = np.array([len(r.tokens) - 1 for r in rows])
+    ids = np.zeros((len(rows), lengths.max()), dtype=np.int64)
+    for b, r in enumerate(rows):
+        ids[b, : lengths[b]] = r.tokens[:-1]
+    mask = np.arange(lengths.max()) < lengths[:, None]
+    logits = loaded.model(input_ids=torch.from_numpy(ids).to(loaded.device),
+                          attention_mask=torch.from_numpy(mask).long().to(loaded.device), use_cache=False).logits
+    return logits, lengths
+
+
 @torch.inference_mode()
 def score_batch(loaded: LoadedModel, rows: Sequence[Row]) -> tuple[list[float], list[int]]:
-    """Summed NLL (nats, float64) and scored-token count of each row of one right-padded batch."""
-    width = max(len(r.tokens) for r in rows) - 1
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, : len(r.tokens) - 1] = torch.tensor(r.tokens[:-1])
-        mask[b, : len(r.tokens) - 1] = 1
-    logits = loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device),
-                          use_cache=False).logits
-    nll, counts = [], []
-    for b, r in enumerate(rows):
-        n_in = len(r.tokens) - 1
-        pred_logits = logits[b, n_in - r.n_pred: n_in].float()  # float32 log-softmax even for bf16 models
-        targets = torch.tensor(r.tokens[-r.n_pred:], device=pred_logits.device)
-        token_nll = F.cross_entropy(pred_logits, targets, reduction="none")
-        nll.append(float(token_nll.double().sum()))
-        counts.append(r.n_pred)
-    return nll, counts
+    """Summed NLL (nats, float64) and scored-token count of each row of one right-padded batch.
+
+    One forward pass, one float32 cross-entropy over the scored positions of all rows (in chunks), and
+    one copy to the host, where each row's token losses are summed in float64 in token order."""
+    logits, lengths = forward(loaded, rows)
+    counts = [r.n_pred for r in rows]
+    row_of = np.repeat(np.arange(len(rows)), counts)
+    position = np.concatenate([np.arange(n - k, n) for n, k in zip(lengths, counts)])
+    targets = torch.from_numpy(np.concatenate([r.tokens[-r.n_pred:] for r in rows])).to(loaded.device)
+    row_t, pos_t = torch.from_numpy(row_of).to(loaded.device), torch.from_numpy(position).to(loaded.device)
+    chunk = max(1, LOSS_CHUNK_BYTES.get(loaded.device.type, LOSS_CHUNK_BYTES["cpu"]) // (4 * logits.shape[-1]))
+    token_nll = torch.cat([
+        F.cross_entropy(logits[row_t[s:s + chunk], pos_t[s:s + chunk]].float(), targets[s:s + chunk],
+                        reduction="none")  # float32 log-softmax even for bf16 models
+        for s in range(0, len(targets), chunk)]).cpu().numpy().astype(np.float64)
+    nll = np.add.reduceat(token_nll, np.cumsum([0] + counts[:-1]))
+    return nll.tolist(), counts
+
+
+def score_fitting(loaded: LoadedModel, rows: Sequence[Row], max_rows: int | None = None
+                  ) -> tuple[list[float], list[int], int | None]:
+    """score_batch in passes of at most max_rows rows, halving them on a GPU out-of-memory error; also
+    return the row cap that fitted, so later batches start from it."""
+    step = min(len(rows), max_rows or len(rows))
+    nll: list[float] = []
+    counts: list[int] = []
+    while len(nll) < len(rows):
+        part = rows[len(nll):len(nll) + step]
+        try:
+            part_nll, part_counts = score_batch(loaded, part)
+        except torch.OutOfMemoryError:
+            part_nll = None
+        if part_nll is None:  # outside the except block, so the failed pass's tensors are already freed
+            if step == 1:
+                raise UserError(f"{loaded.card.name}: one window of {len(part[0].tokens)} tokens does not fit "
+                                "in GPU memory; fix: score with a smaller --max-length")
+            step //= 2
+            torch.cuda.empty_cache()
+            continue
+        nll += part_nll
+        counts += part_counts
+    return nll, counts, step if step < len(rows) else max_rows
 
 
 def score_rows(loaded: LoadedModel, rows: Sequence[Row], batches: Sequence[list[int]],
@@ -138,11 +180,12 @@ def score_rows(loaded: LoadedModel, rows: Sequence[Row], batches: Sequence[list[
     n_done = sum(rows[r].n_pred for b in results for r in batches[b])
     with tqdm(total=n_total, initial=n_done, unit="tok", unit_scale=True, desc=loaded.card.name,
               disable=not progress, dynamic_ncols=True) as bar:
+        max_rows = None  # lowered after an out-of-memory error, for the rest of the run
         for b, batch in enumerate(batches):
             if b in results:
                 continue
             start = time.perf_counter()
-            nll, counts = score_batch(loaded, [rows[r] for r in batch])
+            nll, counts, max_rows = score_fitting(loaded, [rows[r] for r in batch], max_rows)
             results[b] = (nll, counts)
             if on_batch is not None:
                 on_batch(b, nll, counts, time.perf_counter() - start)
@@ -175,13 +218,13 @@ def score_texts(loaded: LoadedModel, texts: Sequence[str], max_length: int | Non
                 sample_ids: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Summed NLL in nats and scored-token count per text (no caching: the core used by score_model)."""
     sample_ids = sample_ids or [str(i) for i in range(len(texts))]
-    rows, batches, _ = _prepare(loaded, texts, sample_ids, max_length, batch_tokens)
+    rows, batches, _ = prepare(loaded, texts, sample_ids, max_length, batch_tokens)
     results = score_rows(loaded, rows, batches, progress=progress)
     return per_sample(rows, batches, results, len(texts))
 
 
-def _prepare(loaded: LoadedModel, texts: Sequence[str], sample_ids: Sequence[str], max_length: int | None,
-             batch_tokens: int | None) -> tuple[list[Row], list[list[int]], int]:
+def prepare(loaded: LoadedModel, texts: Sequence[str], sample_ids: Sequence[str], max_length: int | None,
+            batch_tokens: int | None) -> tuple[list[Row], list[list[int]], int]:
     """Tokenize, cut into windows and plan batches; also return the batch token budget used."""
     card = loaded.card
     max_length = min(max_length or card.context_length, card.context_length)
@@ -284,7 +327,7 @@ def score_model(spec: str, corpus: Corpus, out_dir: Path, settings: ScoringSetti
     loaded = load_model(model_spec, settings.device, settings.dtype, identity=identity)
     texts = corpus.samples["text"].tolist()
     sample_ids = corpus.samples["sample_id"].tolist()
-    rows, batches, budget = _prepare(loaded, texts, sample_ids, settings.max_length, settings.batch_tokens)
+    rows, batches, budget = prepare(loaded, texts, sample_ids, settings.max_length, settings.batch_tokens)
     plan_hash = hashlib.sha256(json.dumps([[(rows[r].sample, rows[r].window) for r in b] for b in batches])
                                .encode()).hexdigest()
     checkpoint = Checkpoint(out_path.with_name(out_path.name + ".partial.jsonl"),

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from mcl_utils import scoring
 from mcl_utils.models import load_model
 from mcl_utils.scoring import make_rows, plan_batches, rolling_windows, score_texts, tokenize
 from mcl_utils.store import bits_per_byte
@@ -49,6 +50,50 @@ def test_batch_size_one_vs_sixteen(loaded):
     sixteen = score_texts(loaded, texts, batch_tokens=sixteen_budget)
     np.testing.assert_array_equal(one[1], sixteen[1])
     np.testing.assert_allclose(one[0], sixteen[0], rtol=0, atol=1e-5)
+
+
+def test_loss_chunks_do_not_change_losses(loaded, monkeypatch):
+    """Computing a batch's loss three tokens at a time gives exactly the losses of one chunk."""
+    whole = score_texts(loaded, TEXTS)
+    monkeypatch.setitem(scoring.LOSS_CHUNK_BYTES, "cpu", 3 * 4 * loaded.card.vocab_size)
+    chunked = score_texts(loaded, TEXTS)
+    np.testing.assert_array_equal(whole[1], chunked[1])
+    np.testing.assert_array_equal(whole[0], chunked[0])
+
+
+def _oom_above(max_rows: int, calls: list[int]):
+    """A score_batch that raises a GPU out-of-memory error on passes of more than max_rows rows."""
+    real = scoring.score_batch
+
+    def score_batch(loaded, rows):
+        calls.append(len(rows))
+        if len(rows) > max_rows:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(loaded, rows)
+    return score_batch
+
+
+def test_out_of_memory_halves_the_batch(loaded, monkeypatch):
+    """A pass that runs out of GPU memory is retried in halves, and later batches start from the cap that
+    fitted; the losses are those of an unconstrained run."""
+    texts = TEXTS * 4
+    expected = score_texts(loaded, texts, batch_tokens=4096)
+    calls: list[int] = []
+    monkeypatch.setattr(scoring, "score_batch", _oom_above(3, calls))
+    nll, n_tokens = score_texts(loaded, texts, batch_tokens=4096)
+    np.testing.assert_array_equal(n_tokens, expected[1])
+    np.testing.assert_allclose(nll, expected[0], rtol=0, atol=1e-5)
+    assert max(calls) > 3 and calls.count(max(calls)) == 1  # one failed pass, then halves only
+    assert max(c for c in calls if c <= 3) == 2
+
+
+def test_window_that_never_fits_is_a_clear_error(loaded, monkeypatch):
+    """When even one row runs out of memory the error names the fix."""
+    from mcl_utils.errors import UserError
+
+    monkeypatch.setattr(scoring, "score_batch", _oom_above(0, []))
+    with pytest.raises(UserError, match="does not fit in GPU memory; fix: score with a smaller --max-length"):
+        score_texts(loaded, TEXTS[:2])
 
 
 def test_rolling_windows_follow_lm_eval():
@@ -105,3 +150,22 @@ def test_sample_without_tokens_is_named():
 
     with pytest.raises(UserError, match="sample 'b' has no tokens under m; fix: drop empty samples"):
         make_rows([[5, 6], []], prefix_id=0, max_length=8, sample_ids=["a", "b"], model_name="m")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bfloat16_path_takes_the_loss_in_float32(arch, tiny_llama, tiny_gpt2):
+    """The bf16 path (what a GPU runs) loads in bf16, takes the log-softmax of its logits in float32, and
+    stays within 1% of float32 scoring."""
+    spec = f"dir:{tiny_llama if arch == 'llama' else tiny_gpt2}"
+    bf16 = load_model(spec, device="cpu", dtype="bfloat16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16 and bf16.card.dtype == "bfloat16"
+    nll, n_tokens = score_texts(bf16, TEXTS[:6], batch_tokens=1)  # one row per pass: the reference's shapes
+    for text, ours in zip(TEXTS[:6], nll):
+        ids = torch.tensor([[bf16.card.prefix_token_id] + tokenize(bf16, [text])[0]])
+        with torch.no_grad():
+            logits = bf16.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, :-1].float()
+        expected = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        assert ours == pytest.approx(expected, rel=1e-6)
+    high, n_high = score_texts(load_model(spec, device="cpu", dtype="float32"), TEXTS[:6])
+    np.testing.assert_array_equal(n_tokens, n_high)
+    np.testing.assert_allclose(nll, high, rtol=1e-2)

@@ -1,0 +1,143 @@
+"""Model-FLOPs utilization of mcl scoring a ~1B-parameter Llama configuration.
+
+Usage: .venv/bin/python benchmarks/mfu.py [--device auto] [--dtype auto] [--n-samples N]
+
+Builds Llama-3.2-1B's shape (16 layers, width 2048, 32 heads, 8 key-value heads, MLP 8192, tied
+embeddings) over the SmolLM2 tokenizer's 49,152-token vocabulary, about 1.07B parameters, with random
+weights: throughput does not depend on the weights, and nothing is downloaded. It scores Brown paragraphs
+with `mcl_utils.scoring.score_texts` (the scorer `mcl score` runs) and prints tokens per second, model
+FLOPs per token and the model-FLOPs utilization (MFU) against two peaks: the dense matrix-product rate
+measured on the same device and dtype in the same run, and the datasheet peak where the device is known.
+
+Model FLOPs follow PaLM (Chowdhery et al. 2022, appendix B) for a forward pass: 2 FLOPs per weight of
+every matrix product (the head included, the embedding lookup not) per scored token, plus 4 * layers *
+width * length for attention over the row, with no credit for padding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from mcl_utils.corpus import CorpusSpec, load_corpus
+from mcl_utils.models import LoadedModel, ModelCard, dequantized_checkpoint, resolve_device, resolve_dtype
+from mcl_utils.scoring import prepare, score_rows
+
+# Dense bf16/fp16 tensor-core peaks from NVIDIA's datasheets (without sparsity), FLOP/s.
+DATASHEET_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=True)
+
+
+def build_llama(device: torch.device, dtype: torch.dtype, tokenizer_from: str) -> LoadedModel:
+    """A random-weight Llama-3.2-1B-shaped model with a real tokenizer, ready for the scorer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **LLAMA_1B)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    prefix = tokenizer.bos_token_id
+    card = ModelCard(name="llama-1b-shape (random weights)", family="llama", n_params_total=n_params,
+                     n_params_non_embedding=n_params - model.get_input_embeddings().weight.numel(),
+                     revision="random", dtype=str(dtype).removeprefix("torch."), tokenizer=tokenizer_from,
+                     vocab_size=config.vocab_size, context_length=config.max_position_embeddings,
+                     prefix_token_id=prefix, prefix_token=tokenizer.convert_ids_to_tokens(prefix),
+                     prefix_policy="bos")
+    return LoadedModel(model=model, tokenizer=tokenizer, card=card, device=device)
+
+
+def matmul_weights(model: torch.nn.Module) -> int:
+    """Weights that take part in a matrix product per token: every Linear layer, the head included."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def forward_flops(model: torch.nn.Module, row_lengths: list[int]) -> float:
+    """PaLM-convention model FLOPs of one forward pass over rows of these (unpadded) lengths."""
+    cfg = model.config
+    per_token = 2 * matmul_weights(model)
+    attention = 4 * cfg.num_hidden_layers * cfg.hidden_size
+    return float(sum(n * (per_token + attention * n) for n in row_lengths))
+
+
+def measured_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+    """Best rate of a square dense matrix product on this device and dtype, FLOP/s."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first product is a warm-up
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work so timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def datasheet_peak(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The datasheet's dense tensor-core peak for bf16/fp16 on a known GPU, else None."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in DATASHEET_PEAK.items() if key in name), None)
+
+
+def main() -> None:
+    """Score Brown paragraphs with the 1B configuration and print throughput and MFU."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on a CPU")
+    ap.add_argument("--n-samples", type=int, default=None, help="default: 2000 on a GPU, 16 on a CPU")
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    n_samples = args.n_samples or (2000 if device.type == "cuda" else 16)
+    loaded = build_llama(device, dtype, str(dequantized_checkpoint("smollm2-135m-instruct")))
+    texts = load_corpus(CorpusSpec(n_samples=n_samples)).samples["text"].tolist()
+    rows, batches, budget = prepare(loaded, texts, [str(i) for i in range(len(texts))], None, None)
+    score_rows(loaded, rows, batches[-2:], progress=False)  # warm-up on the two shortest batches
+    _sync(device)
+    start = time.perf_counter()
+    score_rows(loaded, rows, batches, progress=True)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    n_tokens = sum(r.n_pred for r in rows)
+    flops = forward_flops(loaded.model, [len(r.tokens) - 1 for r in rows])
+    achieved = flops / seconds
+    peak = measured_peak(device, dtype, 8192 if device.type == "cuda" else 2048)
+    sheet = datasheet_peak(device, dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    result = {
+        "device": name, "dtype": str(dtype).removeprefix("torch."), "n_params": loaded.card.n_params_total,
+        "n_samples": len(texts), "n_tokens": n_tokens, "batch_tokens": budget, "seconds": seconds,
+        "tokens_per_s": n_tokens / seconds, "model_flops_per_token": flops / n_tokens,
+        "achieved_flops_per_s": achieved, "measured_matmul_flops_per_s": peak, "mfu_vs_measured": achieved / peak,
+        "datasheet_flops_per_s": sheet, "mfu_vs_datasheet": achieved / sheet if sheet else None,
+    }
+    print(f"Llama-1B shape ({result['n_params'] / 1e9:.2f}B parameters, random weights), {name}, "
+          f"{result['dtype']}, {len(texts)} Brown paragraphs ({n_tokens} tokens, batches of <= {budget} tokens)")
+    print(f"  {result['tokens_per_s']:,.0f} tokens/s; {result['model_flops_per_token'] / 1e9:.2f} GFLOP per token; "
+          f"{achieved / 1e12:.3f} TFLOP/s achieved")
+    print(f"  MFU {result['mfu_vs_measured']:.1%} of this device's measured dense matmul rate "
+          f"({peak / 1e12:.3f} TFLOP/s)" + (f"; {result['mfu_vs_datasheet']:.1%} of its datasheet peak "
+                                             f"({sheet / 1e12:.0f} TFLOP/s)" if sheet else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
