@@ -13,14 +13,14 @@ Goal: a fit with 1,000 resamples under 30 s on 2 cores.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import numpy as np
 import pandas as pd
 
 from mcl_utils import laws
+
+from common import parser, write_json
 
 
 def timed_bootstrap(form: laws.LawForm, truth: dict, points: pd.DataFrame, n_samples: int,
@@ -33,10 +33,9 @@ def timed_bootstrap(form: laws.LawForm, truth: dict, points: pd.DataFrame, n_sam
 
 def main() -> None:
     """Time the fits and print the comparison."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--n-resamples", type=int, default=1000)
     ap.add_argument("--n-samples", type=int, default=10_000)
-    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
     budgets = pd.DataFrame({"x": np.logspace(8, 10.5, 12)})
     power_s, power_boot, _ = timed_bootstrap(laws.POWER_LAW, {"E": 0.9, "A": 40.0, "alpha": 0.3}, budgets,
@@ -67,9 +66,7 @@ def main() -> None:
     print(f"  mcl (VarPro grid + refine)                  {ours_s:7.3f} s   objective {ours.objective:.6g}")
     print(f"  Chinchilla recipe (L-BFGS, 4,500 starts)    {recipe_s:7.3f} s   objective {recipe['objective']:.6g}")
     print(f"  -> mcl is {result['speedup_vs_recipe']:.0f}x faster")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ width * length for attention over the row, with no credit for padding.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import torch
@@ -25,6 +23,8 @@ import torch
 from mcl_utils.corpus import CorpusSpec, load_corpus
 from mcl_utils.models import LoadedModel, ModelCard, dequantized_checkpoint, resolve_device, resolve_dtype
 from mcl_utils.scoring import prepare, score_rows
+
+from common import parser, sync, write_json
 
 # Dense bf16/fp16 tensor-core peaks from NVIDIA's datasheets (without sparsity), FLOP/s.
 DATASHEET_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
@@ -72,18 +72,12 @@ def measured_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: 
     b = torch.randn(size, size, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(repeats + 1):  # the first product is a warm-up
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         a @ b
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for queued GPU work so timings are honest."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def datasheet_peak(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -96,11 +90,10 @@ def datasheet_peak(device: torch.device, dtype: torch.dtype) -> float | None:
 
 def main() -> None:
     """Score Brown paragraphs with the 1B configuration and print throughput and MFU."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on a CPU")
     ap.add_argument("--n-samples", type=int, default=None, help="default: 2000 on a GPU, 16 on a CPU")
-    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -109,10 +102,10 @@ def main() -> None:
     texts = load_corpus(CorpusSpec(n_samples=n_samples)).samples["text"].tolist()
     rows, batches, budget = prepare(loaded, texts, [str(i) for i in range(len(texts))], None, None)
     score_rows(loaded, rows, batches[-2:], progress=False)  # warm-up on the two shortest batches
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     score_rows(loaded, rows, batches, progress=True)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     n_tokens = sum(r.n_pred for r in rows)
     flops = forward_flops(loaded.model, [len(r.tokens) - 1 for r in rows])
@@ -134,9 +127,7 @@ def main() -> None:
     print(f"  MFU {result['mfu_vs_measured']:.1%} of this device's measured dense matmul rate "
           f"({peak / 1e12:.3f} TFLOP/s)" + (f"; {result['mfu_vs_datasheet']:.1%} of its datasheet peak "
                                              f"({sheet / 1e12:.0f} TFLOP/s)" if sheet else ""))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(result, args.json)
 
 
 if __name__ == "__main__":

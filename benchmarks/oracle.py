@@ -14,14 +14,14 @@ and 10,000 samples on 2 cores.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 
 import numpy as np
 
 from mcl_utils.oracle import all_pool_nll_sums
+
+from common import parser, write_json
 
 
 def loop_sums(nll: np.ndarray) -> np.ndarray:
@@ -49,10 +49,9 @@ def _timed(fn) -> float:
 
 def main() -> None:
     """Time the three and print the comparison."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--n-models", type=int, default=16)
     ap.add_argument("--n-samples", type=int, default=10_000)
-    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
     nll = np.random.default_rng(0).gamma(5.0, 20.0, (args.n_samples, args.n_models))
     all_pool_nll_sums(nll[:100])  # warm-up
@@ -75,9 +74,7 @@ def main() -> None:
     print(f"  bandwidth pass     {floor_s:8.2f} s   ({bandwidth / 1e9:.1f} GB/s; mcl takes "
           f"{result['mcl_over_bandwidth_pass']:.2f}x that)")
     print(f"  largest difference mcl vs loop: {result['max_abs_diff']:.1e} nats")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(result, args.json)
 
 
 if __name__ == "__main__":

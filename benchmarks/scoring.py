@@ -13,8 +13,6 @@ lm-evaluation-harness's time over that is the most any loss computation on those
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import numpy as np
@@ -25,6 +23,8 @@ from mcl_utils.models import _weights_location, load_model, parse_spec, resolve_
 from mcl_utils.scoring import forward, prepare, score_texts
 from mcl_utils.store import corpus_bpb
 
+from common import parser, sync, write_json
+
 
 def run_mcl(spec: str, texts: list[str], device: str, dtype: str) -> tuple[float, np.ndarray, int, float]:
     """Seconds, per-sample NLL and scored tokens for mcl, and the seconds of its forward passes alone."""
@@ -32,13 +32,13 @@ def run_mcl(spec: str, texts: list[str], device: str, dtype: str) -> tuple[float
     score_texts(loaded, texts[:1])
     start = time.perf_counter()
     nll, n_tokens = score_texts(loaded, texts)
-    _sync(loaded.device)
+    sync(loaded.device)
     seconds = time.perf_counter() - start
     rows, batches, _ = prepare(loaded, texts, [str(i) for i in range(len(texts))], None, None)
     start = time.perf_counter()
     for batch in batches:
         forward(loaded, [rows[r] for r in batch])
-    _sync(loaded.device)
+    sync(loaded.device)
     return seconds, nll, int(n_tokens.sum()), time.perf_counter() - start
 
 
@@ -57,26 +57,19 @@ def run_lm_eval(spec: str, texts: list[str], device: str, dtype: str,
         lm.batch_size_per_gpu = batch_size  # what HFLM.batch_size reads
         start = time.perf_counter()
         loglik = lm.loglikelihood_rolling(requests, disable_tqdm=True)
-        _sync(torch.device(device))
+        sync(torch.device(device))
         runs[batch_size] = (time.perf_counter() - start, -np.asarray(loglik, dtype=float))
     return runs
 
 
-def _sync(device: torch.device) -> None:
-    """Wait for queued GPU work so timings are honest."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main() -> None:
     """Run both scorers and print the comparison."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--model", default="gguf:smollm2-135m-instruct")
     ap.add_argument("--n-samples", type=int, default=64)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--lm-eval-batch-sizes", default="1,2,4,8,16", help="comma-separated; the fastest is used")
-    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
     device = str(resolve_device(args.device))
     corpus = load_corpus(CorpusSpec(n_samples=args.n_samples))
@@ -107,9 +100,7 @@ def main() -> None:
           f"so no loss computation on them could exceed {result['speedup_ceiling']:.2f}x")
     print(f"  |bits/byte difference|: {result['abs_bpb_diff']:.2e} (goal <= 1e-3); "
           f"largest per-sample NLL difference {result['max_abs_sample_nll_diff']:.2e} nats")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(result, args.json)
 
 
 if __name__ == "__main__":
