@@ -4,14 +4,15 @@ Usage: .venv/bin/python benchmarks/mfu.py [--device auto] [--dtype auto] [--n-sa
 
 Builds Llama-3.2-1B's shape (16 layers, width 2048, 32 heads, 8 key-value heads, MLP 8192, tied
 embeddings) over the SmolLM2 tokenizer's 49,152-token vocabulary, about 1.07B parameters, with random
-weights: throughput does not depend on the weights, and nothing is downloaded. It scores Brown paragraphs
-with `mcl_utils.scoring.score_texts` (the scorer `mcl score` runs) and prints tokens per second, model
-FLOPs per token and the model-FLOPs utilization (MFU) against two peaks: the dense matrix-product rate
-measured on the same device and dtype in the same run, and the datasheet peak where the device is known.
+weights: throughput does not depend on the weights, and nothing is downloaded. It scores Brown
+paragraphs with the batches and loss of `mcl score` (`mcl_utils.scoring.prepare` and `score_rows`) and
+prints tokens per second, model FLOPs per token and the model-FLOPs utilization (MFU) against two peaks:
+the dense matrix-product rate measured on the same device and dtype in the same run, and the datasheet
+peak where the device is known.
 
 Model FLOPs follow PaLM (Chowdhery et al. 2022, appendix B) for a forward pass: 2 FLOPs per weight of
-every matrix product (the head included, the embedding lookup not) per scored token, plus 4 * layers *
-width * length for attention over the row, with no credit for padding.
+every matrix product (the head included, the embedding lookup not) per input position of each row, plus
+4 * layers * width * row length for attention; padding positions earn nothing.
 """
 
 from __future__ import annotations
