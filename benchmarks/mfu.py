@@ -1,6 +1,6 @@
 """Model-FLOPs utilization of mcl scoring a ~1B-parameter Llama configuration.
 
-Usage: .venv/bin/python benchmarks/mfu.py [--device auto] [--dtype auto] [--n-samples N]
+Usage: .venv/bin/python benchmarks/mfu.py [--device auto] [--dtype auto] [--n-samples N] [--tokenizer DIR]
 
 Builds Llama-3.2-1B's shape (16 layers, width 2048, 32 heads, 8 key-value heads, MLP 8192, tied
 embeddings) over the SmolLM2 tokenizer's 49,152-token vocabulary, about 1.07B parameters, with random
@@ -95,11 +95,14 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on a CPU")
     ap.add_argument("--n-samples", type=int, default=None, help="default: 2000 on a GPU, 16 on a CPU")
+    ap.add_argument("--tokenizer", default=None,
+                    help="a folder with a saved tokenizer (default: SmolLM2's, from its offline package)")
     args = ap.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     n_samples = args.n_samples or (2000 if device.type == "cuda" else 16)
-    loaded = build_llama(device, dtype, str(dequantized_checkpoint("smollm2-135m-instruct")))
+    tokenizer = args.tokenizer or str(dequantized_checkpoint("smollm2-135m-instruct"))
+    loaded = build_llama(device, dtype, tokenizer)
     texts = load_corpus(CorpusSpec(n_samples=n_samples)).samples["text"].tolist()
     rows, batches, budget = prepare(loaded, texts, [str(i) for i in range(len(texts))], None, None)
     score_rows(loaded, rows, batches[-2:], progress=False)  # warm-up on the two shortest batches
