@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,3 +31,29 @@ def sync(device: torch.device) -> None:
         import torch  # only benchmarks that use a device pay for importing torch
 
         torch.cuda.synchronize(device)
+
+
+def brown_texts(n_samples: int, seed: int = 0) -> list[str]:
+    """A seeded sample of Brown paragraphs from every split (benchmarks measure speed, not results)."""
+    import pandas as pd
+
+    from mcl_utils.corpus import BROWN_PARQUET
+
+    texts = pd.read_parquet(BROWN_PARQUET, columns=["text"])["text"]
+    if n_samples > len(texts):
+        raise SystemExit(f"--n-samples {n_samples}: the Brown corpus has {len(texts)} paragraphs")
+    return texts.sample(n=n_samples, random_state=seed).tolist()
+
+
+def random_checkpoint(shape_dir: Path, out_dir: Path, dtype: str) -> Path:
+    """A checkpoint with the architecture and tokenizer saved in shape_dir and seeded random weights (a
+    GPU machine needs only the config and tokenizer files, not the weights, to measure speed)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(shape_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(shape_dir).save_pretrained(out_dir)
+    return out_dir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -9,6 +10,7 @@ import os
 import platform
 import sys
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,10 +100,13 @@ def plan_batches(rows: Sequence[Row], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
-def default_batch_tokens(vocab_size: int, device: torch.device, dtype: torch.dtype) -> int:
-    """A padded-token budget: logits of one batch within 8 GiB on a GPU; on a CPU, small batches
-    (at most 1,024 tokens, logits within 1 GiB) are fastest (benchmarks/scoring.py measures it)."""
+def default_batch_tokens(vocab_size: int, device: torch.device, dtype: torch.dtype, full_logits: bool) -> int:
+    """A padded-token budget. On a GPU, 65,536 tokens, fewer when the model's full logits must be held
+    (within 8 GiB); on a CPU, small batches (at most 1,024 tokens, logits within 1 GiB) are fastest
+    (benchmarks/scoring.py measures it)."""
     budget_bytes, cap = ((8 << 30), 65536) if device.type == "cuda" else ((1 << 30), 1024)
+    if not full_logits and device.type == "cuda":
+        return cap
     itemsize = torch.finfo(dtype).bits // 8
     return int(np.clip(budget_bytes // (vocab_size * itemsize), 256, cap))
 
@@ -109,87 +114,205 @@ def default_batch_tokens(vocab_size: int, device: torch.device, dtype: torch.dty
 # Float32 logits handled at once in the loss of one batch: on a CPU, chunks above glibc's 32 MiB mmap
 # threshold cost page faults on every allocation; a GPU's caching allocator makes big chunks cheap.
 LOSS_CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 2 << 30}
+# Config fields of architectures that transform the head's output (or its input) beyond the base model:
+# for these the scorer takes the model's own logits.
+HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
+                   "dim_model_base", "scale_emb")
+_SPLIT_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
+    """On a GPU, scaled-dot-product attention by the flash or memory-efficient kernels, not cuDNN's: cuDNN
+    builds a plan for every new batch shape, about 80 ms each on an H100, most of a first (cold) run."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of each target under its row of logits, with the log-softmax in float32
+    (even for bf16 models): logsumexp minus the target's logit, without writing the log-softmax out."""
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[:, None]).squeeze(-1)
+
+
+@torch.inference_mode()
+def split_head(loaded: LoadedModel) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """The model as (base model, output head) when its logits are exactly head(base(ids)), else None.
+
+    Checked once per model: no known head transform in its config, and a probe's logits agree."""
+    model = loaded.model
+    if model in _SPLIT_HEADS:
+        return _SPLIT_HEADS[model]
+    base, head = getattr(model, "base_model", None), model.get_output_embeddings()
+    split = None
+    configs = [model.config, getattr(model.config, "text_config", None)]
+    if base is not None and base is not model and head is not None and not any(
+            getattr(c, f, None) not in (None, 1, 1.0) for c in configs if c is not None for f in HEAD_TRANSFORMS):
+        ids = torch.randint(0, loaded.card.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        with attention_kernels(loaded.device):
+            ids = ids.to(loaded.device)
+            full = model(input_ids=ids, use_cache=False).logits.float()
+            mine = head(base(input_ids=ids, use_cache=False).last_hidden_state).float()
+        if full.shape == mine.shape and (full - mine).abs().max() <= 1e-3 * max(1.0, full.abs().max().item()):
+            split = (base, head)
+    _SPLIT_HEADS[model] = split
+    return split
+
+
+def batch_ids(rows: Sequence[Row], device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+    """Input ids of one right-padded batch on the device (through pinned memory on a GPU), and each row's
+    length."""
+    lengths = np.array([len(r.tokens) - 1 for r in rows])
+    ids = torch.zeros((len(rows), int(lengths.max())), dtype=torch.long,
+                      pin_memory=device.type == "cuda")
+    ids_np = ids.numpy()
+    for b, r in enumerate(rows):
+        ids_np[b, : lengths[b]] = r.tokens[:-1]
+    return ids.to(device, non_blocking=True), lengths
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device, through pinned memory and a non-blocking copy on a GPU."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 @torch.inference_mode()
 def forward(loaded: LoadedModel, rows: Sequence[Row]) -> tuple[torch.Tensor, np.ndarray]:
-    """Logits of one right-padded batch of rows, and each row's input length."""
-    lengths = np.array([len(r.tokens) - 1 for r in rows])
-    ids = np.zeros((len(rows), lengths.max()), dtype=np.int64)
-    for b, r in enumerate(rows):
-        ids[b, : lengths[b]] = r.tokens[:-1]
-    mask = np.arange(lengths.max()) < lengths[:, None]
-    logits = loaded.model(input_ids=torch.from_numpy(ids).to(loaded.device),
-                          attention_mask=torch.from_numpy(mask).long().to(loaded.device), use_cache=False).logits
-    return logits, lengths
+    """The model's own logits of one right-padded batch of rows, and each row's input length.
+
+    No attention mask: padding is on the right, so causal attention never lets a real position see it."""
+    ids, lengths = batch_ids(rows, loaded.device)
+    with attention_kernels(loaded.device):
+        return loaded.model(input_ids=ids, use_cache=False).logits, lengths
+
+
+@dataclass
+class Launched:
+    """One batch whose token losses are on their way to the host (done once `event` has completed)."""
+
+    token_nll: torch.Tensor  # float32 per scored token, in row order, on the host
+    event: torch.cuda.Event | None
+    counts: list[int]
 
 
 @torch.inference_mode()
-def score_batch(loaded: LoadedModel, rows: Sequence[Row]) -> tuple[list[float], list[int]]:
-    """Summed NLL (nats, float64) and scored-token count of each row of one right-padded batch.
-
-    One forward pass, one float32 cross-entropy over the scored positions of all rows (in chunks), and
-    one copy to the host, where each row's token losses are summed in float64 in token order."""
-    logits, lengths = forward(loaded, rows)
+def launch_batch(loaded: LoadedModel, rows: Sequence[Row]) -> Launched:
+    """Queue one batch: a forward pass, a float32 cross-entropy over the scored positions of all rows (in
+    chunks; through the output head alone where the model splits), and a non-blocking copy to the host."""
+    device = loaded.device
+    split = split_head(loaded)
     counts = [r.n_pred for r in rows]
+    ids, lengths = batch_ids(rows, device)
     row_of = np.repeat(np.arange(len(rows)), counts)
     position = np.concatenate([np.arange(n - k, n) for n, k in zip(lengths, counts)])
-    targets = torch.from_numpy(np.concatenate([r.tokens[-r.n_pred:] for r in rows])).to(loaded.device)
-    row_t, pos_t = torch.from_numpy(row_of).to(loaded.device), torch.from_numpy(position).to(loaded.device)
-    chunk = max(1, LOSS_CHUNK_BYTES.get(loaded.device.type, LOSS_CHUNK_BYTES["cpu"]) // (4 * logits.shape[-1]))
-    token_nll = torch.cat([
-        F.cross_entropy(logits[row_t[s:s + chunk], pos_t[s:s + chunk]].float(), targets[s:s + chunk],
-                        reduction="none")  # float32 log-softmax even for bf16 models
-        for s in range(0, len(targets), chunk)]).cpu().numpy().astype(np.float64)
-    nll = np.add.reduceat(token_nll, np.cumsum([0] + counts[:-1]))
-    return nll.tolist(), counts
+    targets = _to_device(np.concatenate([r.tokens[-r.n_pred:] for r in rows]), device)
+    row_t, pos_t = _to_device(row_of, device), _to_device(position, device)
+    with attention_kernels(device):
+        if split is not None:
+            base, head = split
+            hidden = base(input_ids=ids, use_cache=False).last_hidden_state[row_t, pos_t]
+            def scored_logits(sl: slice) -> torch.Tensor:
+                return head(hidden[sl])
+        else:
+            logits = loaded.model(input_ids=ids, use_cache=False).logits
+            def scored_logits(sl: slice) -> torch.Tensor:
+                return logits[row_t[sl], pos_t[sl]]
+    chunk = max(1, LOSS_CHUNK_BYTES.get(device.type, LOSS_CHUNK_BYTES["cpu"]) // (4 * loaded.card.vocab_size))
+    nll = torch.cat([token_nll(scored_logits(slice(s, s + chunk)), targets[s:s + chunk])
+                     for s in range(0, len(targets), chunk)])
+    if device.type != "cuda":
+        return Launched(nll, None, counts)
+    host = torch.empty(nll.shape, dtype=nll.dtype, pin_memory=True)
+    host.copy_(nll, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return Launched(host, event, counts)
 
 
-def score_fitting(loaded: LoadedModel, rows: Sequence[Row], max_rows: int | None = None
-                  ) -> tuple[list[float], list[int], int | None]:
-    """score_batch in passes of at most max_rows rows, halving them on a GPU out-of-memory error; also
-    return the row cap that fitted, so later batches start from it."""
-    step = min(len(rows), max_rows or len(rows))
+def collect(parts: Sequence[Launched]) -> tuple[list[float], list[int]]:
+    """Wait for launched passes; each row's token losses summed in float64, in token order."""
     nll: list[float] = []
     counts: list[int] = []
-    while len(nll) < len(rows):
-        part = rows[len(nll):len(nll) + step]
+    for part in parts:
+        if part.event is not None:
+            part.event.synchronize()
+        token_nll = part.token_nll.numpy().astype(np.float64)
+        nll += np.add.reduceat(token_nll, np.cumsum([0] + part.counts[:-1])).tolist()
+        counts += part.counts
+    return nll, counts
+
+
+def score_batch(loaded: LoadedModel, rows: Sequence[Row]) -> tuple[list[float], list[int]]:
+    """Summed NLL (nats, float64) and scored-token count of each row of one batch, synchronously."""
+    return collect([launch_batch(loaded, rows)])
+
+
+def launch_fitting(loaded: LoadedModel, rows: Sequence[Row], max_rows: int | None = None
+                   ) -> tuple[list[Launched], int | None]:
+    """launch_batch in passes of at most max_rows rows, halving them on a GPU out-of-memory error; also
+    return the row cap that fitted, so later batches start from it."""
+    step = min(len(rows), max_rows or len(rows))
+    parts: list[Launched] = []
+    done = 0
+    while done < len(rows):
+        part = rows[done:done + step]
         try:
-            part_nll, part_counts = score_batch(loaded, part)
+            launched = launch_batch(loaded, part)
         except torch.OutOfMemoryError:
-            part_nll = None
-        if part_nll is None:  # outside the except block, so the failed pass's tensors are already freed
+            launched = None
+        if launched is None:  # outside the except block, so the failed pass's tensors are already freed
             if step == 1:
                 raise UserError(f"{loaded.card.name}: one window of {len(part[0].tokens)} tokens does not fit "
                                 "in GPU memory; fix: score with a smaller --max-length")
             step //= 2
             torch.cuda.empty_cache()
             continue
-        nll += part_nll
-        counts += part_counts
-    return nll, counts, step if step < len(rows) else max_rows
+        parts.append(launched)
+        done += len(part)
+    return parts, step if step < len(rows) else max_rows
 
 
 def score_rows(loaded: LoadedModel, rows: Sequence[Row], batches: Sequence[list[int]],
                done: dict[int, tuple[list[float], list[int]]] | None = None,
                on_batch: Callable[[int, list[float], list[int], float], None] | None = None,
                progress: bool = True) -> dict[int, tuple[list[float], list[int]]]:
-    """Score every batch not already in `done`; call on_batch after each one (for checkpoints)."""
+    """Score every batch not already in `done`; call on_batch after each one (for checkpoints).
+
+    The next batch is queued on the GPU before the last one's losses are collected and checkpointed, so
+    host work overlaps device work; on_batch's seconds are wall-clock increments (they sum to the run)."""
     results = dict(done or {})
     n_total = sum(rows[r].n_pred for batch in batches for r in batch)
     n_done = sum(rows[r].n_pred for b in results for r in batches[b])
     with tqdm(total=n_total, initial=n_done, unit="tok", unit_scale=True, desc=loaded.card.name,
               disable=not progress, dynamic_ncols=True) as bar:
         max_rows = None  # lowered after an out-of-memory error, for the rest of the run
+        clock = [time.perf_counter()]
+
+        def finish(b: int, parts: list[Launched]) -> None:
+            nll, counts = collect(parts)
+            results[b] = (nll, counts)
+            now = time.perf_counter()
+            if on_batch is not None:
+                on_batch(b, nll, counts, now - clock[0])
+            clock[0] = now
+            bar.update(sum(counts))
+
+        pending = None
         for b, batch in enumerate(batches):
             if b in results:
                 continue
-            start = time.perf_counter()
-            nll, counts, max_rows = score_fitting(loaded, [rows[r] for r in batch], max_rows)
-            results[b] = (nll, counts)
-            if on_batch is not None:
-                on_batch(b, nll, counts, time.perf_counter() - start)
-            bar.update(sum(counts))
+            parts, max_rows = launch_fitting(loaded, [rows[r] for r in batch], max_rows)
+            if pending is not None:
+                finish(*pending)
+            pending = (b, parts)
+        if pending is not None:
+            finish(*pending)
     return results
 
 
@@ -229,7 +352,8 @@ def prepare(loaded: LoadedModel, texts: Sequence[str], sample_ids: Sequence[str]
     card = loaded.card
     max_length = min(max_length or card.context_length, card.context_length)
     param = next(loaded.model.parameters())
-    budget = batch_tokens or default_batch_tokens(card.vocab_size, loaded.device, param.dtype)
+    budget = batch_tokens or default_batch_tokens(card.vocab_size, loaded.device, param.dtype,
+                                                  full_logits=split_head(loaded) is None)
     rows = make_rows(tokenize(loaded, texts), card.prefix_token_id, max_length, sample_ids, card.name)
     return rows, plan_batches(rows, budget), budget
 

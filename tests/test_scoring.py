@@ -41,36 +41,56 @@ def test_nll_equals_labels_loss_times_tokens(loaded):
 
 
 def test_batch_size_one_vs_sixteen(loaded):
-    """Per-sample losses do not depend on batching or padding (float32, 1e-5)."""
+    """Per-sample losses do not depend on batching or padding (float32, 1e-5): sixteen rows of mixed
+    lengths in one pass, padded to the widest row, give the losses of one row per pass."""
     texts = TEXTS * 2
-    one = score_texts(loaded, texts, batch_tokens=1)
-    rows = make_rows(tokenize(loaded, texts), loaded.card.prefix_token_id, 64, list(map(str, texts)), "m")
-    sixteen_budget = 16 * max(len(r.tokens) for r in rows)
-    assert max(len(b) for b in plan_batches(rows, sixteen_budget)) == 16
-    sixteen = score_texts(loaded, texts, batch_tokens=sixteen_budget)
-    np.testing.assert_array_equal(one[1], sixteen[1])
-    np.testing.assert_allclose(one[0], sixteen[0], rtol=0, atol=1e-5)
+    rows = make_rows(tokenize(loaded, texts), loaded.card.prefix_token_id, 64, list(map(str, texts)), "m")[:16]
+    assert len({len(r.tokens) for r in rows}) > 4
+    one = [scoring.score_batch(loaded, [r]) for r in rows]
+    sixteen = scoring.score_batch(loaded, rows)
+    assert sixteen[1] == [c for _, (c,) in one]
+    np.testing.assert_allclose(sixteen[0], [x for (x,), _ in one], rtol=1e-5, atol=0)
+    whole = score_texts(loaded, texts, batch_tokens=4096)
+    assert max(len(b) for b in plan_batches(rows, 4096)) > 1
+    np.testing.assert_allclose(whole[0], score_texts(loaded, texts, batch_tokens=1)[0], rtol=1e-5, atol=0)
+
+
+def test_head_split_equals_the_models_own_logits(loaded, monkeypatch):
+    """Hidden states through the output head on scored positions only give the losses of the model's full
+    logits (float32, 1e-5 relative) on padded batches; a model whose config transforms its logits (here a
+    logit scale) is scored through its own logits instead."""
+    assert scoring.split_head(loaded) is not None
+    texts = TEXTS * 2
+    split = score_texts(loaded, texts, batch_tokens=4096)
+    monkeypatch.setattr(scoring, "split_head", lambda loaded: None)
+    full = score_texts(loaded, texts, batch_tokens=4096)
+    np.testing.assert_allclose(split[0], full[0], rtol=1e-5, atol=0)
+    monkeypatch.undo()
+    scaled = load_model(loaded.card.name, device="cpu", dtype="float32")
+    scaled.model.config.logit_scale = 0.5
+    assert scoring.split_head(scaled) is None
 
 
 def test_loss_chunks_do_not_change_losses(loaded, monkeypatch):
-    """Computing a batch's loss three tokens at a time gives exactly the losses of one chunk."""
+    """Computing a batch's head and loss three tokens at a time gives the losses of one chunk (the head's
+    matrix product on fewer rows may round differently: float32, 1e-6 relative)."""
     whole = score_texts(loaded, TEXTS)
     monkeypatch.setitem(scoring.LOSS_CHUNK_BYTES, "cpu", 3 * 4 * loaded.card.vocab_size)
     chunked = score_texts(loaded, TEXTS)
     np.testing.assert_array_equal(whole[1], chunked[1])
-    np.testing.assert_array_equal(whole[0], chunked[0])
+    np.testing.assert_allclose(whole[0], chunked[0], rtol=1e-6, atol=0)
 
 
 def _oom_above(max_rows: int, calls: list[int]):
-    """A score_batch that raises a GPU out-of-memory error on passes of more than max_rows rows."""
-    real = scoring.score_batch
+    """A launch_batch that raises a GPU out-of-memory error on passes of more than max_rows rows."""
+    real = scoring.launch_batch
 
-    def score_batch(loaded, rows):
+    def launch_batch(loaded, rows):
         calls.append(len(rows))
         if len(rows) > max_rows:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(loaded, rows)
-    return score_batch
+    return launch_batch
 
 
 def test_out_of_memory_halves_the_batch(loaded, monkeypatch):
@@ -79,7 +99,7 @@ def test_out_of_memory_halves_the_batch(loaded, monkeypatch):
     texts = TEXTS * 4
     expected = score_texts(loaded, texts, batch_tokens=4096)
     calls: list[int] = []
-    monkeypatch.setattr(scoring, "score_batch", _oom_above(3, calls))
+    monkeypatch.setattr(scoring, "launch_batch", _oom_above(3, calls))
     nll, n_tokens = score_texts(loaded, texts, batch_tokens=4096)
     np.testing.assert_array_equal(n_tokens, expected[1])
     np.testing.assert_allclose(nll, expected[0], rtol=0, atol=1e-5)
@@ -91,7 +111,7 @@ def test_window_that_never_fits_is_a_clear_error(loaded, monkeypatch):
     """When even one row runs out of memory the error names the fix."""
     from mcl_utils.errors import UserError
 
-    monkeypatch.setattr(scoring, "score_batch", _oom_above(0, []))
+    monkeypatch.setattr(scoring, "launch_batch", _oom_above(0, []))
     with pytest.raises(UserError, match="does not fit in GPU memory; fix: score with a smaller --max-length"):
         score_texts(loaded, TEXTS[:2])
 
