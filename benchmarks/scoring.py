@@ -54,6 +54,7 @@ def run_mcl(spec: str, texts: list[str], device: str, dtype: str) -> dict:
     forward_all()  # warm-up: the forward-only rate is a warm ceiling
     forward_s, _ = timed(forward_all, loaded.device)
     return {"cold_s": cold_s, "warm_s": warm_s, "forward_s": forward_s, "prepare_s": prepare_s, "nll": nll,
+            "n_params": loaded.card.n_params_total,
             "n_tokens": int(n_tokens.sum()), "batch_tokens": budget, "n_batches": len(batches)}
 
 
@@ -110,7 +111,7 @@ def main() -> None:
     result = {
         "model": args.model if not args.shape else f"random weights shaped like {args.shape}",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": dtype,
-        "n_samples": len(texts), "n_tokens": n, "threads": torch.get_num_threads(),
+        "n_params": mcl["n_params"], "n_samples": len(texts), "n_tokens": n, "threads": torch.get_num_threads(),
         "mcl_batch_tokens": mcl["batch_tokens"], "mcl_batches": mcl["n_batches"],
         "mcl_cold_tokens_per_s": n / mcl["cold_s"], "mcl_warm_tokens_per_s": n / mcl["warm_s"],
         "forward_only_warm_tokens_per_s": n / mcl["forward_s"], "mcl_tokenize_and_plan_s": mcl["prepare_s"],
