@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
 import re
 import shutil
 import subprocess
@@ -46,6 +49,7 @@ def test_book_has_every_chapter(built_book):
     """The table of contents' pages are all built, with glued numbers filled in."""
     names = {p.relative_to(built_book).as_posix() for p in _pages(built_book)}
     for page in ("index.html", "book/intro.html", "book/measuring.html", "book/coming.html", "book/data.html",
+                 "book/architecture.html", "book/api.html", "book/glossary.html", "book/references.html",
                  "book/generated/offline-llms/oracle.html", "book/generated/offline-llms/laws.html",
                  "book/generated/offline-llms/status.html"):
         assert page in names
@@ -55,6 +59,41 @@ def test_book_has_every_chapter(built_book):
     assert re.search(r"are fitted back to\s*<span[^>]*>.*?</span>\s*<span[^>]*>0\.3\d\d</span>", fitting), \
         "glued exponent missing"
     assert "score-" not in " ".join(names), "scoring notebooks are stages, not chapters"
+    assert re.search(r"on the exponents|Chinchilla.s own training runs", fitting)
+    assert re.search(r"this book.s fitter gives\s*<span[^>]*>.*?</span>\s*<span[^>]*>1\.\d{3}</span>", fitting), \
+        "glued fit of Chinchilla's runs missing"
+
+
+def public_members(module_name: str) -> list[str]:
+    """Functions and classes a module defines whose names do not start with an underscore."""
+    module = importlib.import_module(module_name)
+    return sorted(f"{module_name}.{name}" for name in dir(module) if not name.startswith("_")
+                  and (inspect.isfunction(obj := getattr(module, name)) or inspect.isclass(obj))
+                  and obj.__module__ == module_name)
+
+
+def test_api_page_lists_every_public_function(built_book):
+    """The API reference has an entry for every public function and class of every mcl_utils module."""
+    import mcl_utils
+
+    api = (built_book / "book" / "api.html").read_text()
+    modules = [f"mcl_utils.{m.name}" for m in pkgutil.iter_modules(mcl_utils.__path__)]
+    expected = [name for m in modules for name in public_members(m)]
+    assert len(expected) > 50
+    missing = [name for name in expected if f'id="{name}"' not in api]
+    assert not missing, f"the API page lacks {missing}; fix: add `automodule` sections to book/api.md"
+
+
+def test_citations_and_glossary_links(built_book):
+    """Chapters link their citations to the bibliography and their terms to the glossary."""
+    intro = (built_book / "book" / "intro.html").read_text()
+    assert re.search(r'href="references.html#[^"]+"[^>]*>Lu <em>et al.</em>', intro), "seed paper A not cited"
+    assert re.search(r'href="references.html#[^"]+"[^>]*>Wang <em>et al.</em>', intro), "seed paper B not cited"
+    references = (built_book / "book" / "references.html").read_text()
+    for author in ("Hoffmann", "Besiroglu", "Francis", "Gao", "Wolf", "Chowdhery"):
+        assert author in references
+    fitting = (built_book / "book/generated/offline-llms/laws.html").read_text()
+    assert "../../references.html#" in fitting and "../../glossary.html#term-Huber-loss" in fitting
 
 
 def test_no_page_loads_anything_remote(built_book):
