@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from mcl_utils.cli import main
 from mcl_utils.cluster import connect, score_on_ray
 from mcl_utils.corpus import Corpus, CorpusSpec, load_corpus
 from mcl_utils.errors import UserError
+from mcl_utils.pipeline import load_experiment, run
 from mcl_utils.scoring import ScoringSettings, score_model, target
 from mcl_utils.store import read_loss_table
 from tests.conftest import TEXTS, build_tiny_model
@@ -175,3 +177,21 @@ def test_cli_run_takes_ray_with_or_without_address(monkeypatch, tmp_path):
     for argv in (["x.yaml"], ["x.yaml", "--ray"], ["x.yaml", "--ray", "10.0.0.1:6379"]):
         assert main(["run", *argv]) == 0
     assert calls == [None, "local", "10.0.0.1:6379"]
+
+
+def test_run_with_ray_scores_then_runs_the_other_stages(ray_local, tmp_path, tiny_llama, tiny_gpt2):
+    """The pipeline with `ray` scores through Ray tasks (no scoring notebooks), then runs the later
+    stages as it does without Ray."""
+    corpus = _corpus(tmp_path / "c.jsonl")
+    spec = {"name": "tiny-ray", "models": [f"dir:{tiny_llama}", f"dir:{tiny_gpt2}"], "analyses": [],
+            "corpus": {"source": str(tmp_path / "c.jsonl"), "id_column": "id", "n_samples": None, "min_words": 0},
+            "scoring": {k: getattr(SETTINGS, k) for k in ("device", "dtype", "batch_tokens", "max_length")}}
+    (tmp_path / "tiny-ray.yaml").write_text(yaml.safe_dump(spec))
+    exp = load_experiment(tmp_path / "tiny-ray.yaml", results_dir=tmp_path / "results",
+                          generated_dir=tmp_path / "generated")
+    lines: list[str] = []
+    run(exp, log=lines.append, ray="local")
+    assert [line.split(": ")[1].split(" on ")[0][:9] for line in lines[:2]] == ["scored in"] * 2
+    assert lines[2].startswith("[status] executed")
+    assert {p.name for p in exp.book_dir.glob("*.ipynb")} == {"status.ipynb"}
+    assert all(target(m, corpus, exp.losses_dir, exp.scoring).cached for m in exp.models)
