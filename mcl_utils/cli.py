@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.set_defaults(func=_score)
     run = sub.add_parser("run", help="run an experiment: score each model, then the analysis notebooks",
                          description="Execute an experiment's pipeline with papermill: notebooks/score.ipynb "
-                         "once per model whose loss table is not cached, then each analysis notebook and the "
-                         "status page, into book/generated/<experiment>/.")
+                         "once per model whose loss table is not cached (with --ray: one Ray task per model, "
+                         "in parallel), then each analysis notebook and the status page, into "
+                         "book/generated/<experiment>/.")
     run.add_argument("experiment", help="experiment file, e.g. experiments/offline-llms.yaml")
     run.add_argument("--force", action="store_true", help="recompute every stage, cached or not")
     run.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
