@@ -52,7 +52,7 @@ def _score(args: argparse.Namespace) -> None:
                                     id_column=args.id_column, n_samples=args.n_samples or None,
                                     min_words=args.min_words, seed=args.seed))
     settings = ScoringSettings(max_length=args.max_length, batch_tokens=args.batch_tokens,
-                               device=args.device, dtype=args.dtype)
+                               device=args.device, dtype=args.dtype, gpus_per_model=args.gpus)
     for spec in args.model:
         was_cached = not args.force and target(spec, corpus, Path(args.out), settings).cached
         path = score_model(spec, corpus, Path(args.out), settings, force=args.force,
@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace) -> None:
     """Run `mcl run`."""
     from mcl_utils.pipeline import load_experiment, run
 
-    run(load_experiment(args.experiment), force=args.force)
+    run(load_experiment(args.experiment), force=args.force, ray=args.ray)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,15 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     g.add_argument("--dtype", default="auto",
                    help="auto (bfloat16 on GPU, else float32), float32, bfloat16, float16 (default: auto)")
+    g.add_argument("--gpus", type=int, default=1,
+                   help="GPUs to spread each model over (device_map=auto), for a model too large for one "
+                   "(default: 1)")
     g.add_argument("--force", action="store_true", help="rescore even if a cached table exists")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     score.set_defaults(func=_score)
     run = sub.add_parser("run", help="run an experiment: score each model, then the analysis notebooks",
                          description="Execute an experiment's pipeline with papermill: notebooks/score.ipynb "
-                         "once per model whose loss table is not cached, then each analysis notebook and the "
-                         "status page, into book/generated/<experiment>/.")
+                         "once per model whose loss table is not cached (with --ray: one Ray task per model, "
+                         "in parallel), then each analysis notebook and the status page, into "
+                         "book/generated/<experiment>/.")
     run.add_argument("experiment", help="experiment file, e.g. experiments/offline-llms.yaml")
     run.add_argument("--force", action="store_true", help="recompute every stage, cached or not")
+    run.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="score the models in parallel, one Ray task per model (one GPU each, or the experiment's "
+                     "gpus_per_model): alone, on a Ray instance started on this machine; with an address "
+                     "(HOST:6379, or auto), on that cluster, whose nodes share the results directory")
     run.set_defaults(func=_run)
     return parser
 

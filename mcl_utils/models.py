@@ -278,24 +278,44 @@ def _weights_location(spec: ModelSpec) -> tuple[str, dict]:
     return spec.target, {"revision": spec.revision}
 
 
+def _dispatched_input_device(model: torch.nn.Module, spec: ModelSpec) -> torch.device:
+    """Where the inputs of a model spread by device_map="auto" go; refuses parts offloaded off the GPUs."""
+    placed = {str(d) for d in getattr(model, "hf_device_map", {}).values()}
+    if torch.cuda.is_available() and placed & {"cpu", "disk"}:
+        raise UserError(f"{spec.name} does not fit in the {torch.cuda.device_count()} visible GPU(s) (part of it "
+                        "was offloaded to CPU or disk); fix: raise gpus_per_model for it under scoring:")
+    return model.get_input_embeddings().weight.device
+
+
 def load_model(spec_or_name: str | ModelSpec, device: str = "auto", dtype: str = "auto",
-               identity: dict | None = None) -> LoadedModel:
-    """Load a model spec for scoring: eval mode, on `device`, in `dtype`, never with remote code."""
+               identity: dict | None = None, device_map: str | None = None) -> LoadedModel:
+    """Load a model spec for scoring: eval mode, on `device`, in `dtype`, never with remote code.
+
+    device_map="auto" spreads a model too large for one GPU over all visible GPUs (accelerate); its
+    outputs come back to the device of its inputs, which becomes the LoadedModel's device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = parse_spec(spec_or_name) if isinstance(spec_or_name, str) else spec_or_name
     identity = identity or model_identity(spec)
     where, kwargs = _weights_location(spec)
+    if device_map is not None and device not in ("auto", "cuda"):
+        raise UserError(f"{spec.name}: spreading a model over GPUs needs device auto or cuda, not {device!r}; "
+                        "fix: set device: auto under scoring:, or gpus_per_model: 1")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    placement = {} if device_map is None else {"device_map": device_map}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, trust_remote_code=False,
-                                                     **kwargs)
+                                                     **placement, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load {spec.name} ({str(exc).splitlines()[0][:200]}); fix: check that it "
                         "is a causal language model checkpoint with a tokenizer") from exc
-    model.to(dev).eval()
+    if device_map is None:
+        model.to(dev)
+    else:
+        dev = _dispatched_input_device(model, spec)
+    model.eval()
     if tokenizer.bos_token_id is not None:
         prefix_id, policy = tokenizer.bos_token_id, "bos"
     elif tokenizer.eos_token_id is not None:

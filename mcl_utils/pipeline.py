@@ -112,6 +112,10 @@ def load_experiment(path: str | Path, results_dir: Path = RESULTS, generated_dir
         raise UserError(f"{path}: a model is listed twice; fix: list each model once")
     for spec in models:
         parse_spec(spec)
+    scoring = _section(raw, "scoring", ScoringSettings, path)
+    if isinstance(scoring.gpus_per_model, dict) and set(scoring.gpus_per_model) - set(models):
+        raise UserError(f"{path}: gpus_per_model names {sorted(set(scoring.gpus_per_model) - set(models))}, "
+                        "which are not under models:; fix: use the exact model specs listed there")
     analyses = raw.get("analyses", list(ANALYSES))
     unknown = [a for a in analyses if a not in ANALYSES]
     if unknown:
@@ -121,7 +125,7 @@ def load_experiment(path: str | Path, results_dir: Path = RESULTS, generated_dir
         raise UserError(f"{path}: 'bootstrap_resamples' must be a positive integer; fix: e.g. 1000")
     return Experiment(name=name, path=path.resolve(), description=raw.get("description", ""),
                       corpus=_section(raw, "corpus", CorpusSpec, path), models=tuple(models),
-                      scoring=_section(raw, "scoring", ScoringSettings, path), analyses=tuple(analyses),
+                      scoring=scoring, analyses=tuple(analyses),
                       bootstrap_resamples=resamples,
                       results_dir=Path(results_dir), generated_dir=Path(generated_dir))
 
@@ -237,10 +241,14 @@ def _cached_key(path: Path) -> str | None:
     return nbformat.read(path, as_version=4).metadata.get("mcl", {}).get("cache_key")
 
 
-def run(exp: Experiment, force: bool = False, log=print) -> None:
-    """Score each model unless cached, then run each analysis unless cached, then the status page."""
-    corpus = experiment_corpus(exp)
-    params = {"experiment": str(exp.path), "results_dir": str(exp.results_dir)}
+def notebook_parameters(exp: Experiment) -> dict:
+    """The parameters every stage notebook takes: the experiment file and the results directory."""
+    return {"experiment": str(exp.path), "results_dir": str(exp.results_dir)}
+
+
+def score_in_notebooks(exp: Experiment, corpus: Corpus, force: bool = False, log=print) -> dict[str, Path]:
+    """Score each model not cached by executing notebooks/score.ipynb, one model after another."""
+    params = notebook_parameters(exp)
     tables = {}
     for spec in exp.models:
         tgt = target(spec, corpus, exp.losses_dir, exp.scoring)
@@ -251,6 +259,22 @@ def run(exp: Experiment, force: bool = False, log=print) -> None:
             seconds = execute(NOTEBOOKS / "score.ipynb", output, {**params, "model": spec, "force": force})
             log(f"[score]  {spec}: scored in {seconds:.0f} s")
         tables[spec] = tgt.path
+    return tables
+
+
+def run(exp: Experiment, force: bool = False, log=print, ray: str | None = None) -> None:
+    """Score each model unless cached, then run each analysis unless cached, then the status page.
+
+    With `ray` (a cluster address, or 'local' for an instance on this machine), the models are scored
+    in parallel as Ray tasks (mcl_utils.cluster) instead of one notebook after another."""
+    corpus = experiment_corpus(exp)
+    params = notebook_parameters(exp)
+    if ray is None:
+        tables = score_in_notebooks(exp, corpus, force, log)
+    else:
+        from mcl_utils.cluster import score_on_ray
+
+        tables = score_on_ray(exp.models, corpus, exp.losses_dir, exp.scoring, force=force, address=ray, log=log)
     ran_any = False
     for name in exp.analyses:
         notebook = NOTEBOOKS / f"{name}.ipynb"

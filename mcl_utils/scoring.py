@@ -41,12 +41,27 @@ CONVENTIONS = {
 
 @dataclass(frozen=True)
 class ScoringSettings:
-    """How to score: context cap, batch token budget, device and dtype ('auto' picks for the hardware)."""
+    """How to score: context cap, batch token budget, device and dtype ('auto' picks for the hardware),
+    and the GPUs of one node each model is spread over (not in the cache key: placement changes no number)."""
 
     max_length: int | None = None  # tokens per window; None means the model's context length
     batch_tokens: int | None = None  # padded tokens per batch; None picks from the vocabulary size
     device: str = "auto"
     dtype: str = "auto"
+    gpus_per_model: int | dict[str, int] = 1  # one count for all, or {model spec: count} (others get 1)
+
+    def __post_init__(self) -> None:
+        """Refuse a GPU count that is not a positive integer."""
+        counts = self.gpus_per_model.values() if isinstance(self.gpus_per_model, dict) else [self.gpus_per_model]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts):
+            raise UserError(f"gpus_per_model must be a positive integer or a mapping from model spec to one, "
+                            f"not {self.gpus_per_model!r}; fix: e.g. gpus_per_model: 2")
+
+    def gpus_for(self, spec: str) -> int:
+        """How many GPUs of one node the model `spec` is spread over (more than one: device_map="auto")."""
+        if isinstance(self.gpus_per_model, dict):
+            return self.gpus_per_model.get(spec, 1)
+        return self.gpus_per_model
 
 
 @dataclass(frozen=True)
@@ -447,7 +462,8 @@ def score_model(spec: str, corpus: Corpus, out_dir: Path, settings: ScoringSetti
     if not force and tgt.cached:
         return out_path
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(model_spec, settings.device, settings.dtype, identity=identity)
+    loaded = load_model(model_spec, settings.device, settings.dtype, identity=identity,
+                        device_map="auto" if settings.gpus_for(spec) > 1 else None)
     texts = corpus.samples["text"].tolist()
     sample_ids = corpus.samples["sample_id"].tolist()
     rows, batches, budget = prepare(loaded, texts, sample_ids, settings.max_length, settings.batch_tokens)

@@ -8,11 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 
 from mcl_utils import models
+from mcl_utils.corpus import CorpusSpec, load_corpus
 from mcl_utils.errors import UserError
 from mcl_utils.models import GgufPackage, load_model, parse_spec
+from mcl_utils.scoring import ScoringSettings
 from mcl_utils.store import read_loss_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,3 +124,36 @@ def test_hf_spec_loads_from_the_local_hub_cache(tiny_llama, tmp_path, jsonl_corp
     missing = subprocess.run(cmd[:5] + ["hf:tiny/absent"] + cmd[6:], env=env, cwd=REPO, capture_output=True,
                              text=True)
     assert missing.returncode == 2 and "cannot resolve hf:tiny/absent" in missing.stderr
+
+
+def test_device_map_auto_scores_like_one_device(tiny_llama, tmp_path, jsonl_corpus, monkeypatch):
+    """A model given several GPUs loads with device_map="auto" (here: all on the CPU) and writes the
+    same table under the same cache key as a model on one device."""
+    import mcl_utils.scoring as scoring
+
+    maps = []
+    monkeypatch.setattr(scoring, "load_model", lambda *a, **kw: maps.append(kw["device_map"]) or load_model(*a, **kw))
+    spec = f"dir:{tiny_llama}"
+    corpus = load_corpus(CorpusSpec(source=str(jsonl_corpus), id_column="id", n_samples=None, min_words=0))
+    one = scoring.score_model(spec, corpus, tmp_path / "one", ScoringSettings(dtype="float32"), progress=False)
+    spread = scoring.score_model(spec, corpus, tmp_path / "spread", ScoringSettings(
+        dtype="float32", gpus_per_model={spec: 2}), progress=False)
+    assert maps == [None, "auto"] and one.name == spread.name
+    pd.testing.assert_frame_equal(read_loss_table(spread)[0], read_loss_table(one)[0], check_exact=True)
+    assert load_model(spec, dtype="float32", device_map="auto").device == torch.device("cpu")
+
+
+def test_spreading_over_gpus_refuses_bad_settings(tiny_llama, monkeypatch):
+    """A fixed device with device_map, a non-positive GPU count, or a model offloaded off the GPUs: errors."""
+    with pytest.raises(UserError, match="needs device auto or cuda, not 'cpu'"):
+        load_model(f"dir:{tiny_llama}", device="cpu", device_map="auto")
+    for bad in (0, True, {"dir:x": 0}, "2"):
+        with pytest.raises(UserError, match="gpus_per_model must be a positive integer"):
+            ScoringSettings(gpus_per_model=bad)
+    assert ScoringSettings(gpus_per_model={"dir:x": 4}).gpus_for("dir:y") == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    half_offloaded = torch.nn.Module()
+    half_offloaded.hf_device_map = {"model.layers.0": 0, "model.layers.1": 1, "lm_head": "cpu"}
+    with pytest.raises(UserError, match=r"does not fit in the 2 visible GPU\(s\).*raise gpus_per_model"):
+        models._dispatched_input_device(half_offloaded, parse_spec("dir:big"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from mcl_utils.errors import UserError
+from mcl_utils.models import parse_spec
 from mcl_utils.pipeline import execute, execution_report, load_experiment, run
 from tests.conftest import TEXTS, build_tiny_model
 
@@ -75,6 +77,8 @@ def test_run_scores_analyses_and_then_caches(tmp_path, tiny_llama, tiny_gpt2):
     (lambda d: d.update(name="has space"), "simple identifier"),
     (lambda d: d.update(analyses=["telepathy"]), "unknown analyses"),
     (lambda d: d.update(bootstrap_resamples=0), "positive integer"),
+    (lambda d: d["scoring"].update(gpus_per_model=0), "gpus_per_model must be a positive integer"),
+    (lambda d: d["scoring"].update(gpus_per_model={"dir:y": 2}), r"gpus_per_model names \['dir:y'\], which are not"),
 ])
 def test_bad_experiments_are_one_line_errors(tmp_path, edit, message):
     """Each mistake in an experiment file names the problem and the fix."""
@@ -91,6 +95,39 @@ def test_default_experiment_is_valid():
     """The committed default experiment loads: two offline models on the Brown sample."""
     exp = load_experiment(Path(__file__).resolve().parent.parent / "experiments" / "offline-llms.yaml")
     assert exp.models == ("gguf:smollm2-135m-instruct", "gguf:gemma-3-270m") and exp.corpus.n_samples == 2000
+
+
+# Hub families of the paper-scale experiments and their transformers architectures (model_type); a
+# model outside these families fails the test until its architecture is checked and added here.
+PAPER_FAMILIES = {"Qwen/Qwen2.5-": "qwen2", "EleutherAI/pythia-": "gpt_neox", "meta-llama/Llama-3.": "llama",
+                  "google/gemma-2-": "gemma2", "HuggingFaceTB/SmolLM2-": "llama", "allenai/OLMo-2-": "olmo2"}
+UNPINNED = {"hf:allenai/OLMo-2-0325-32B"}  # no public source of its commit: resolved and recorded at scoring
+
+
+def test_paper_scale_experiments_are_valid(tmp_path):
+    """Both paper-scale files load; every model is a Hub id of a family transformers implements natively
+    (no remote code), pinned to a commit or a Pythia checkpoint branch, the same models in both files."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    root = Path(__file__).resolve().parent.parent / "experiments"
+    brown, wikitext = (load_experiment(root / f, results_dir=tmp_path) for f in
+                       ("paper-scale.yaml", "paper-scale-wikitext.yaml"))
+    assert brown.models == wikitext.models and brown.scoring == wikitext.scoring
+    assert brown.corpus.source == "brown" and wikitext.corpus.source == "hf:Salesforce/wikitext:wikitext-103-raw-v1"
+    assert brown.scoring.dtype == "bfloat16"  # explicit: cache keys must not depend on the head node's hardware
+    per_family = dict.fromkeys(PAPER_FAMILIES, 0)
+    for spec in brown.models:
+        parsed = parse_spec(spec)
+        assert parsed.scheme == "hf" and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", parsed.target), spec
+        (family,) = [f for f in PAPER_FAMILIES if parsed.target.startswith(f)]
+        per_family[family] += 1
+        if parsed.target.startswith("EleutherAI/pythia-"):
+            assert parsed.revision == "step143000", spec
+        elif spec not in UNPINNED:
+            assert re.fullmatch(r"[0-9a-f]{40}", parsed.revision or ""), spec
+        assert brown.scoring.gpus_for(spec) == (2 if re.search(r"-7[02]B$", parsed.target) else 1), spec
+    assert min(per_family.values()) >= 3 and set(PAPER_FAMILIES.values()) <= set(CONFIG_MAPPING_NAMES)
+    assert UNPINNED <= set(brown.models)
 
 
 def _notebook(path: Path, *sources: str) -> Path:
