@@ -156,14 +156,16 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def split_head(loaded: LoadedModel) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """The model as (base model, output head) when its logits are exactly head(base(ids)), else None.
 
-    Checked once per model: no known head transform in its config, and a probe's logits agree."""
+    Checked once per model: no known head transform in its config, the model on one device (a model
+    spread by device_map returns only its own outputs to the input device), and a probe's logits agree."""
     model = loaded.model
     if model in _SPLIT_HEADS:
         return _SPLIT_HEADS[model]
     base, head = getattr(model, "base_model", None), model.get_output_embeddings()
     split = None
     configs = [model.config, getattr(model.config, "text_config", None)]
-    if base is not None and base is not model and head is not None and not any(
+    one_device = len(set(getattr(model, "hf_device_map", {}).values())) <= 1
+    if one_device and base is not None and base is not model and head is not None and not any(
             getattr(c, f, None) not in (None, 1, 1.0) for c in configs if c is not None for f in HEAD_TRANSFORMS):
         ids = torch.randint(0, loaded.card.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
         with attention_kernels(loaded.device):
