@@ -176,7 +176,7 @@ def _fingerprint(domain: str) -> str:
 def tokenizer_recipe(family: Family) -> dict:
     """Everything a family's tokenizer depends on."""
     return {"kind": family.tokenizer, "vocab_size": family.vocab_size if family.tokenizer != "bytes" else None,
-            "context": family.context, "specials": SPECIALS,
+            "specials": SPECIALS,
             "text": {d: domain_fingerprint(d) for d, _ in family.mixture}, "trainer": TRAINER_VERSION}
 
 
@@ -219,7 +219,7 @@ def family_tokenizer(family: Family) -> Path:
     if unk in ids or tok.decode(ids) != sample:
         raise UserError(f"the {family.tokenizer} tokenizer of family {family.name} does not round-trip its own "
                         "training text; fix: use a byte-level pre-tokenizer (this is a bug to report)")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=family.context, **SPECIALS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)  # the context comes from the model config
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     fast.save_pretrained(tmp)

@@ -165,3 +165,24 @@ def test_zoo_experiments_are_well_formed():
     classroom = zoo.experiment_models(REPO / "experiments" / "zoo-classroom.yaml")
     assert len(classroom) == 6
     assert zoo.experiment_models(REPO / "experiments" / "zoo-gpu.yaml")
+
+
+def test_sweep_records_runs_and_fits_a_rule(tiny):
+    """A sweep over 2 sizes x 2 learning rates writes every run and the fitted rule the family then uses."""
+    result = zoo.sweep("tinygpt2", ["s0", "s1"], [3e-3, 3e-2], progress=False, log=lambda _: None)
+    assert len(result["runs"]) == 4 and all(math.isfinite(r["val_bpb"]) for r in result["runs"])
+    assert zoo.lr_rule(zoo.FAMILIES["tinygpt2"])["source"] == "tinygpt2.json"
+    assert zoo.recipe(zoo.parse_name("tinygpt2-s0"))["lr"] == pytest.approx(
+        zoo.peak_lr(zoo.FAMILIES["tinygpt2"], 16, result["rule"]))
+
+
+def test_fit_lr_rule_finds_the_minimum_of_each_width_and_the_power_between_them():
+    """A loss parabola in log lr with its minimum at 8e-3 (width 16) and 2e-3 (width 64): exponent 1."""
+    def runs(best):
+        return [(lr, (math.log(lr / best)) ** 2) for lr in (best / 4, best / 2, best * 0.9, best * 2, best * 4)]
+
+    rule = zoo.fit_lr_rule({16: runs(8e-3), 64: runs(2e-3)}, default_exponent=0.5)
+    assert rule["lr_exponent"] == pytest.approx(1.0, abs=0.05)
+    assert rule["lr_ref"] == pytest.approx(2e-3, rel=0.05)
+    edge = zoo.fit_lr_rule({16: [(1e-3, 3.0), (2e-3, 2.0)]}, default_exponent=0.5)
+    assert edge["best"]["16"]["on_grid_edge"] and edge["lr_exponent"] == 0.5
