@@ -552,7 +552,7 @@ def _train_loop(model: ZooModel, rec: dict, net: torch.nn.Module, dev: torch.dev
     state = {"step": 0, "log": [], "elapsed_s": 0.0, "loss_sum": 0.0, "loss_count": 0}
     ckpt = run_dir / "checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, map_location=dev, weights_only=True)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
         net.load_state_dict(state.pop("model"))
         opt.load_state_dict(state.pop("optimizer"))
         torch.set_rng_state(state.pop("rng_cpu"))
