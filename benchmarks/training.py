@@ -1,6 +1,7 @@
 """Training throughput: the zoo's training loop against transformers.Trainer, same model, data and machine.
 
 Usage: .venv/bin/python benchmarks/training.py [--model llama-s3] [--steps 40] [--repeats 2] [--device cpu]
+                                               [--threads N]
 
 Both train the same freshly initialized zoo model (same seed) for the same number of optimizer steps on
 the same rows of the family's training stream, with the same batch, peak learning rate, warmup, AdamW
@@ -50,7 +51,7 @@ def run_zoo(model: zoo.ZooModel, rec: dict, steps: int, dev: torch.device) -> tu
                                 stop_after=steps, log=lambda _: None)
         sync(dev)
         seconds = time.perf_counter() - start
-    return seconds, state["log"][-1]["loss_nats"]
+    return seconds, state["log"][-1]["loss_nats"] if state["log"] else float("nan")
 
 
 def run_trainer(model: zoo.ZooModel, rec: dict, steps: int, dev: torch.device) -> tuple[float, float]:
@@ -75,7 +76,7 @@ def run_trainer(model: zoo.ZooModel, rec: dict, steps: int, dev: torch.device) -
         sync(dev)
         seconds = time.perf_counter() - start
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return seconds, losses[-1]
+    return seconds, losses[-1] if losses else float("nan")
 
 
 def main() -> None:
@@ -86,7 +87,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense bf16 peak (H100 SXM: 989)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for both sides (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
     model = zoo.parse_name(args.model)
     rec = zoo.recipe(model)

@@ -186,3 +186,19 @@ def test_fit_lr_rule_finds_the_minimum_of_each_width_and_the_power_between_them(
     assert rule["lr_ref"] == pytest.approx(2e-3, rel=0.05)
     edge = zoo.fit_lr_rule({16: [(1e-3, 3.0), (2e-3, 2.0)]}, default_exponent=0.5)
     assert edge["best"]["16"]["on_grid_edge"] and edge["lr_exponent"] == 0.5
+
+
+def test_experiment_zoo_section_expands_to_models(tiny):
+    """An experiment's zoo section becomes zoo: specs after its models; listing one twice is refused."""
+    from mcl_utils.pipeline import load_experiment
+
+    spec = {"name": "tinyzoo", "models": ["gguf:gemma-3-270m"],
+            "zoo": {"families": ["tinyllama", "tinygpt2"], "sizes": ["s0"],
+                    "replicas": {"tinygpt2": {"sizes": ["s0"], "seeds": [1, 2]}}}}
+    path = tiny / "tinyzoo.yaml"
+    path.write_text(json.dumps(spec))
+    assert load_experiment(path).models == ("gguf:gemma-3-270m", "zoo:tinyllama-s0", "zoo:tinygpt2-s0",
+                                            "zoo:tinygpt2-s0-s1", "zoo:tinygpt2-s0-s2")
+    path.write_text(json.dumps({**spec, "models": ["zoo:tinyllama-s0"]}))
+    with pytest.raises(UserError, match="listed twice"):
+        load_experiment(path)
