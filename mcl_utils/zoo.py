@@ -548,7 +548,7 @@ def _train_loop(model: ZooModel, rec: dict, net: torch.nn.Module, dev: torch.dev
     vectors = [p for p in net.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": matrices, "weight_decay": family.weight_decay},
                              {"params": vectors, "weight_decay": 0.0}],
-                            lr=rec["lr"], betas=family.betas, fused=dev.type == "cuda")
+                            lr=rec["lr"], betas=family.betas, fused=True)  # one kernel per step, CPU and CUDA
     state = {"step": 0, "log": [], "elapsed_s": 0.0, "loss_sum": 0.0, "loss_count": 0}
     ckpt = run_dir / "checkpoint.pt"
     if ckpt.exists():
