@@ -847,6 +847,8 @@ def sweep(family: str, sizes: list[str], lrs: list[float], device: str = "cpu", 
         raise UserError(f"unknown zoo family {family!r}; fix: use one of {sorted(FAMILIES)}")
     if not lrs or any(lr <= 0 for lr in lrs):
         raise UserError("learning rates must be positive numbers; fix: e.g. --lrs 1e-3,3e-3,1e-2")
+    for size in sizes:
+        parse_name(f"{family}-{size}")  # every size is valid before anything trains
     runs = []
     for size in sizes:
         for lr in lrs:
