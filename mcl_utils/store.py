@@ -56,6 +56,18 @@ def cache_key(model_identity: dict, corpus_fingerprint: str, settings: dict, sco
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 
+def strict_json(obj: object) -> str:
+    """Indented JSON with sorted keys; NaN and infinities (which JSON lacks) are written as null."""
+    def clean(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    return json.dumps(clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
 def slug(name: str) -> str:
     """A file-name-safe version of a model name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")

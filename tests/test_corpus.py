@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from mcl_utils.corpus import BROWN_GENRES, CorpusSpec, load_brown, load_corpus, parse_brown_file
+from mcl_utils.corpus import (BROWN_GENRES, CorpusSpec, build_domain, load_brown, load_corpus, load_domain,
+                               pack_passages, parse_brown_file, table_fingerprint, training_documents)
 from mcl_utils.errors import UserError
 
 
@@ -91,3 +92,33 @@ def test_bad_corpora_give_one_line_errors(tmp_path, case, message):
     with pytest.raises(UserError, match=message) as info:
         load_corpus(spec)
     assert "fix:" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name, n_docs, fingerprint", [
+    ("sotu", 233, "eb2a46c4bb00e5844bb6faeb721f1e6b5f82b1b6ae47a3b90bb2bc4bfb1f1bbd"),
+    ("code", 542, "ee786db5cb670de7634b4ba28c4ca0ef62677033c4326748a40a891888fe8d0e"),
+])
+def test_training_domains_are_complete_split_by_document_and_fingerprinted(name, n_docs, fingerprint):
+    """Every document in one split, all three splits used, content as its README records."""
+    df = load_domain(name)
+    assert df["source_file"].nunique() == n_docs and df["doc_id"].is_unique
+    assert (df.groupby("source_file")["split"].nunique() == 1).all()
+    assert set(df["split"]) == {"train", "validation", "test"}
+    assert table_fingerprint(df) == fingerprint
+    train = training_documents(name)
+    assert set(train["doc_id"]) == set(df.loc[df["split"] == "train", "doc_id"])
+
+
+def test_domains_load_as_corpora():
+    """`--corpus sotu` and `--corpus code` select test passages like Brown's paragraphs."""
+    for name in ("sotu", "code"):
+        corpus = load_corpus(CorpusSpec(source=name, n_samples=50))
+        assert corpus.name == name and len(corpus.samples) == 50
+        assert (corpus.samples["split"] == "test").all()
+
+
+def test_passages_keep_code_indentation():
+    """Packing joins whole units and keeps the indentation of code blocks."""
+    assert pack_passages(["a b", "c", "d e f"], " ", min_words=3) == ["a b c", "d e f"]
+    df = build_domain("code", {"m.py": "def f():\n    x = 1\n\n    return x\n"})
+    assert df["text"].tolist() == ["def f():\n    x = 1\n\n    return x"]

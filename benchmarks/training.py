@@ -1,0 +1,135 @@
+"""Training throughput: the zoo's training loop against transformers.Trainer, same model, data and machine.
+
+Usage: .venv/bin/python benchmarks/training.py [--model llama-s3] [--steps 40] [--repeats 2] [--device cpu]
+                                               [--threads N]
+
+Both train the same freshly initialized zoo model (same seed) for the same number of optimizer steps on
+the same rows of the family's training stream, with the same batch, optimizer (AdamW, same betas, weight
+decay groups), learning-rate schedule and gradient clipping: the zoo through `mcl_utils.zoo._train_loop`
+(what `mcl zoo train` runs, checkpoints off), Trainer through `Trainer.train` with a plain dataset of
+those rows and that optimizer and schedule (no evaluation, no saving, no reporting). Trainer's models
+shift labels inside, so its rows predict 255 tokens where the zoo's predict 256. The zoo is timed by its
+loop's own clock, from the first step to the last (its token stream, built once per run, comes before);
+Trainer by the wall time of `Trainer.train`. Each side runs `--repeats` times, interleaved, after one
+warm-up run each; the fastest run of each is compared, so load from other processes hurts both alike.
+Prints tokens per second, the ratio (goal: zoo >= 1.3x Trainer on a CPU) and each side's mean training
+loss over the last 10 steps (they should nearly agree: the same model learns the same rows the same way).
+On CUDA it also reports the model-FLOPs utilization of the zoo's loop against the GPU's dense bf16 peak
+given by --peak-tflops.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mcl_utils import zoo
+from mcl_utils.models import resolve_device
+
+from common import parser, sync, write_json
+
+
+class Rows(torch.utils.data.Dataset):
+    """The zoo stream's first rows as Trainer examples (inputs and labels: Trainer's models shift labels)."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.rows[i, :-1], "labels": self.rows[i, :-1]}
+
+
+def run_zoo(model: zoo.ZooModel, rec: dict, steps: int, dev: torch.device) -> tuple[float, float]:
+    """Seconds of the zoo's loop for `steps` steps, and its mean loss over the last logged interval."""
+    tokenizer = zoo._load_tokenizer(zoo.family_tokenizer(model.family))
+    net = zoo.build_model(model, tokenizer).to(dev)
+    with tempfile.TemporaryDirectory() as tmp:
+        state = zoo._train_loop(model, rec, net, dev, Path(tmp), checkpoint_every=10**9, progress=False,
+                                stop_after=steps, log=lambda _: None)
+    sync(dev)
+    # the loop's own clock: from its first step to its last (the token stream is built before it starts)
+    return state["elapsed_s"], state["log"][-1]["loss_nats"] if state["log"] else float("nan")
+
+
+def run_trainer(model: zoo.ZooModel, rec: dict, steps: int, dev: torch.device) -> tuple[float, float]:
+    """Seconds of Trainer.train for `steps` steps on the same rows and settings, and its last logged loss."""
+    from transformers import Trainer, TrainingArguments
+
+    tokenizer = zoo._load_tokenizer(zoo.family_tokenizer(model.family))
+    net = zoo.build_model(model, tokenizer).to(dev)
+    rows = zoo.TokenStream(model.family, rec["steps"] * rec["batch_rows"]).rows(0, steps * rec["batch_rows"])
+    family = model.family
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=rec["batch_rows"], max_steps=steps,
+            learning_rate=rec["lr"], warmup_steps=rec["warmup_steps"], lr_scheduler_type="cosine",
+            adam_beta1=family.betas[0], adam_beta2=family.betas[1], weight_decay=family.weight_decay,
+            max_grad_norm=family.grad_clip, logging_steps=zoo.LOG_EVERY, save_strategy="no", eval_strategy="no",
+            report_to=[], disable_tqdm=True, use_cpu=dev.type == "cpu", bf16=dev.type == "cuda",
+            dataloader_num_workers=0, seed=model.seed)
+        matrices = [p for p in net.parameters() if p.dim() >= 2]
+        vectors = [p for p in net.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": matrices, "weight_decay": family.weight_decay},
+                                 {"params": vectors, "weight_decay": 0.0}],
+                                lr=rec["lr"], betas=family.betas, fused=True)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: zoo.lr_at(step, rec) / rec["lr"])
+        trainer = Trainer(model=net, args=args, train_dataset=Rows(rows), optimizers=(opt, schedule))
+        start = time.perf_counter()
+        trainer.train()
+        sync(dev)
+        seconds = time.perf_counter() - start  # Trainer.train: its set-up of the loop counts, as ours does
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return seconds, losses[-1] if losses else float("nan")
+
+
+def main() -> None:
+    """Run both loops, interleaved, and print the comparison."""
+    ap = parser(__doc__)
+    ap.add_argument("--model", default="llama-s3", help="a zoo model name (default: llama-s3)")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense bf16 peak (H100 SXM: 989)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for both sides (default: torch's)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = resolve_device(args.device)
+    model = zoo.parse_name(args.model)
+    rec = zoo.recipe(model)
+    steps = min(args.steps, rec["steps"])
+    tokens = steps * rec["batch_rows"] * model.family.context
+    run_zoo(model, rec, 2, dev), run_trainer(model, rec, 2, dev)  # warm-up: imports, allocator, kernels
+    zoo_runs, trainer_runs = [], []
+    for _ in range(args.repeats):
+        zoo_runs.append(run_zoo(model, rec, steps, dev))
+        trainer_runs.append(run_trainer(model, rec, steps, dev))
+    zoo_s, zoo_loss = min(zoo_runs)
+    trainer_s, trainer_loss = min(trainer_runs)
+    total, non_embedding = zoo.count_model(model)
+    result = {"model": args.model, "device": str(dev), "threads": torch.get_num_threads(), "steps": steps,
+              "batch_rows": rec["batch_rows"], "context": model.family.context, "tokens": tokens,
+              "n_params_total": total, "n_params_non_embedding": non_embedding,
+              "zoo_tokens_per_s": tokens / zoo_s, "trainer_tokens_per_s": tokens / trainer_s,
+              "speedup": trainer_s / zoo_s, "zoo_last_loss_nats": zoo_loss, "trainer_last_loss_nats": trainer_loss,
+              "zoo_seconds_by_run": [s for s, _ in zoo_runs], "trainer_seconds_by_run": [s for s, _ in trainer_runs]}
+    if dev.type == "cuda":
+        result["zoo_mfu"] = zoo.flops_per_token(model) * tokens / zoo_s / (args.peak_tflops * 1e12)
+    print(f"zoo:{args.model} ({total:,} parameters, {non_embedding:,} non-embedding), {steps} steps of "
+          f"{rec['batch_rows']} x {model.family.context} tokens, {dev}, {result['threads']} threads")
+    print(f"  zoo loop  {result['zoo_tokens_per_s']:9.0f} tokens/s   last mean loss {zoo_loss:.4f} nats/token")
+    print(f"  Trainer   {result['trainer_tokens_per_s']:9.0f} tokens/s   last logged loss {trainer_loss:.4f} nats/token")
+    print(f"  speed ratio zoo / Trainer: {result['speedup']:.2f}x (goal >= 1.3x on a CPU)")
+    if "zoo_mfu" in result:
+        print(f"  zoo model-FLOPs utilization: {100 * result['zoo_mfu']:.2f}% of {args.peak_tflops:g} TFLOP/s")
+    write_json(result, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""The model zoo: training, determinism, resuming after kill -9, scoring, identity and config errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mcl_utils import models, zoo
+from mcl_utils.corpus import CorpusSpec, load_corpus
+from mcl_utils.errors import UserError
+from mcl_utils.scoring import ScoringSettings, score_model
+from mcl_utils.store import read_loss_table
+
+from tests import tiny_zoo
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """The tiny zoo installed, with its own cache and results directory (restored afterwards)."""
+    for name in ("FAMILIES", "training_documents", "_split_documents", "ZOO_RESULTS"):
+        value = getattr(zoo, name)
+        monkeypatch.setattr(zoo, name, dict(value) if name == "FAMILIES" else value)
+    monkeypatch.setenv("MCL_CACHE", str(tmp_path / "cache"))
+    tiny_zoo.install(tmp_path / "results")
+    yield tmp_path
+    zoo._fingerprint.cache_clear()
+    zoo._count.cache_clear()
+
+
+def test_tiny_zoo_trains_and_scores(tiny):
+    """2 families x 2 sizes train (cards, logs, loss falls) and score as zoo: specs on Brown."""
+    specs = zoo.expand({"families": ["tinyllama", "tinygpt2"], "sizes": ["s0", "s1"]})
+    zoo.ensure_trained(specs, device="cpu", progress=False, log=lambda _: None)
+    corpus = load_corpus(CorpusSpec(n_samples=8))
+    for spec in specs:
+        card = zoo.read_card(spec.removeprefix("zoo:"))
+        log = (tiny / "results" / card["log_file"]).read_text().splitlines()
+        assert card["steps"] >= 10 and len(log) > 1 and card["n_params_non_embedding"] > 0
+        assert math.isfinite(card["final_train_loss_nats"]) and math.isfinite(card["val_bpb"])
+        losses = [float(line.split(",")[2]) for line in log[1:]]
+        assert losses[-1] < losses[0] and card["val_nats_per_token"] < math.log(card["config"]["vocab_size"])
+        table, prov = read_loss_table(score_model(spec, corpus, tiny / "losses", ScoringSettings(device="cpu")))
+        assert len(table) == 8 and prov["model_identity"]["sha256"] == card["weights_sha256"]
+        assert prov["model"]["family"] == card["family"]
+
+
+def test_same_seed_same_weights_other_seed_differs(tiny):
+    """Training twice from scratch gives bit-identical weights; another seed gives other weights."""
+    first = zoo.train("tinygpt2-s0", progress=False, log=lambda _: None)["weights_sha256"]
+    for run in (tiny / "cache" / "zoo" / "runs").glob("tinygpt2-s0-*"):
+        shutil.rmtree(run)
+    assert zoo.train("tinygpt2-s0", progress=False, log=lambda _: None)["weights_sha256"] == first
+    assert zoo.train("tinygpt2-s0-s1", progress=False, log=lambda _: None)["weights_sha256"] != first
+
+
+def test_kill_during_training_then_resume_gives_identical_weights(tiny):
+    """kill -9 after a checkpoint, then resume: the weights equal those of an uninterrupted run."""
+    name = "tinyneox-s1"
+    model = zoo.parse_name(name)
+    run_dir = zoo.checkpoint_dir(model, zoo.recipe(model))
+    code = ("import sys, time; sys.path.insert(0, %r); from tests import tiny_zoo; tiny_zoo.install(%r); "
+            "from mcl_utils import zoo\n"
+            "zoo.train(%r, checkpoint_every=3, progress=False, log=lambda _: None)"
+            % (str(REPO), str(tiny / "killed-results"), name))
+    env = {**os.environ, "MCL_CACHE": str(tiny / "cache")}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "final").exists()
+    step = torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < step < zoo.recipe(model)["steps"]
+    messages = []
+    resumed = zoo.train(name, progress=False, log=messages.append)
+    assert any(f"resuming at step {step}" in m for m in messages)
+    shutil.rmtree(run_dir)
+    clean = zoo.train(name, progress=False, log=lambda _: None)
+    assert resumed["weights_sha256"] == clean["weights_sha256"]
+
+
+def test_untrained_zoo_spec_names_the_training_command(tiny):
+    """No card: a one-line error naming `mcl zoo train`; a card without checkpoint: the same on loading."""
+    with pytest.raises(UserError, match=r"not trained .*fix: run `mcl zoo train tinyllama-s0`"):
+        models.model_identity(models.parse_spec("zoo:tinyllama-s0"))
+    zoo.train("tinyllama-s0", progress=False, log=lambda _: None)
+    assert models.model_identity(models.parse_spec("zoo:tinyllama-s0"))["spec"] == "zoo:tinyllama-s0"
+    shutil.rmtree(tiny / "cache" / "zoo" / "runs")
+    with pytest.raises(UserError, match=r"no checkpoint on this machine.*mcl zoo train tinyllama-s0"):
+        models.load_model("zoo:tinyllama-s0", device="cpu")
+
+
+def test_card_from_an_older_recipe_is_stale(tiny):
+    """A changed recipe (here: the trainer version) makes the card stale: identity asks for retraining."""
+    zoo.train("tinygpt2-s0", progress=False, log=lambda _: None)
+    card_file = zoo.card_path("tinygpt2-s0")
+    card = json.loads(card_file.read_text())
+    card_file.write_text(json.dumps({**card, "recipe_hash": "0" * 64}))
+    with pytest.raises(UserError, match="older recipe"):
+        zoo.identity("tinygpt2-s0")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("zoo:nosuch-s1", "unknown zoo family 'nosuch'"),
+    ("zoo:llama-s99", "unknown zoo size 's99'"),
+    ("zoo:llama", "bad zoo model name"),
+])
+def test_bad_zoo_specs_give_one_line_errors(spec, message):
+    """Unknown family, unknown size, malformed name: one line each."""
+    with pytest.raises(UserError, match=message) as err:
+        models.parse_spec(spec)
+    assert "\n" not in str(err.value)
+
+
+def test_width_that_does_not_divide_into_heads(monkeypatch):
+    """A shape whose width is not a multiple of its heads is refused before anything is built."""
+    monkeypatch.setitem(zoo.SIZES, "s42", zoo.Size(width=50, depth=2, heads=4))
+    with pytest.raises(UserError, match="width 50 does not divide into 4 heads"):
+        zoo.parse_name("llama-s42")
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"families": ["llama"]}, "needs families and sizes"),
+    ({"families": ["llama"], "sizes": ["s1"], "extra": 1}, "takes families, sizes and replicas"),
+    ({"families": ["llama"], "sizes": ["s1"], "replicas": {"llama": {"sizes": ["s1"]}}}, "need sizes and seeds"),
+    ({"families": ["nope"], "sizes": ["s1"]}, "unknown zoo family"),
+])
+def test_bad_zoo_sections_give_one_line_errors(section, message):
+    """The experiment file's zoo section is validated with one-line errors."""
+    with pytest.raises(UserError, match=message):
+        zoo.expand(section)
+
+
+def test_zoo_experiments_are_well_formed():
+    """The default, classroom and GPU zoos expand and the default meets the issue's shape: 3 families that
+    differ in architecture, tokenizer and mixture, 6+ sizes over 1.5+ decades, 3 seeds at 2+ sizes."""
+    default = zoo.experiment_models(REPO / "experiments" / "zoo.yaml")
+    families = {zoo.parse_name(s).family.name for s in default}
+    assert len(families) >= 3
+    assert len({(f.architecture, f.tokenizer, f.mixture) for f in (zoo.FAMILIES[n] for n in families)}) == 3
+    assert len({zoo.FAMILIES[n].architecture for n in families}) == 3
+    assert len({zoo.FAMILIES[n].tokenizer for n in families}) == 3
+    for family in families:
+        sizes = {zoo.parse_name(s).size_name for s in default if zoo.parse_name(s).family.name == family}
+        non_embedding = [zoo.count_model(zoo.parse_name(f"{family}-{s}"))[1] for s in sizes]
+        assert len(sizes) >= 6 and max(non_embedding) / min(non_embedding) >= 10 ** 1.5
+    seeds: dict[tuple[str, str], set[int]] = {}
+    for spec in default:
+        m = zoo.parse_name(spec)
+        seeds.setdefault((m.family.name, m.size_name), set()).add(m.seed)
+    assert sum(len(s) >= 3 for s in seeds.values()) >= 2
+    classroom = zoo.experiment_models(REPO / "experiments" / "zoo-classroom.yaml")
+    assert len(classroom) == 6
+    assert zoo.experiment_models(REPO / "experiments" / "zoo-gpu.yaml")
+
+
+def test_sweep_records_runs_and_fits_a_rule(tiny):
+    """A sweep over 2 sizes x 2 learning rates writes every run and the fitted rule the family then uses."""
+    result = zoo.sweep("tinygpt2", ["s0", "s1"], [3e-3, 3e-2], progress=False, log=lambda _: None)
+    assert len(result["runs"]) == 4 and all(math.isfinite(r["val_bpb"]) for r in result["runs"])
+    assert zoo.lr_rule(zoo.FAMILIES["tinygpt2"])["source"] == "tinygpt2.json"
+    assert zoo.recipe(zoo.parse_name("tinygpt2-s0"))["lr"] == pytest.approx(
+        zoo.peak_lr(zoo.FAMILIES["tinygpt2"], 16, result["rule"]))
+
+
+def test_fit_lr_rule_finds_the_minimum_of_each_width_and_the_power_between_them():
+    """A loss parabola in log lr with its minimum at 8e-3 (width 16) and 2e-3 (width 64): exponent 1."""
+    def runs(best):
+        return [(lr, (math.log(lr / best)) ** 2) for lr in (best / 4, best / 2, best * 0.9, best * 2, best * 4)]
+
+    rule = zoo.fit_lr_rule({16: runs(8e-3), 64: runs(2e-3)}, default_exponent=0.5)
+    assert rule["lr_exponent"] == pytest.approx(1.0, abs=0.05)
+    assert rule["lr_ref"] == pytest.approx(2e-3, rel=0.05)
+    edge = zoo.fit_lr_rule({16: [(1e-3, 3.0), (2e-3, 2.0)]}, default_exponent=0.5)
+    assert edge["best"]["16"]["on_grid_edge"] and edge["lr_exponent"] == 0.5
+
+
+def test_experiment_zoo_section_expands_to_models(tiny):
+    """An experiment's zoo section becomes zoo: specs after its models; listing one twice is refused."""
+    from mcl_utils.pipeline import load_experiment
+
+    spec = {"name": "tinyzoo", "models": ["gguf:gemma-3-270m"],
+            "zoo": {"families": ["tinyllama", "tinygpt2"], "sizes": ["s0"],
+                    "replicas": {"tinygpt2": {"sizes": ["s0"], "seeds": [1, 2]}}}}
+    path = tiny / "tinyzoo.yaml"
+    path.write_text(json.dumps(spec))
+    assert load_experiment(path).models == ("gguf:gemma-3-270m", "zoo:tinyllama-s0", "zoo:tinygpt2-s0",
+                                            "zoo:tinygpt2-s0-s1", "zoo:tinygpt2-s0-s2")
+    path.write_text(json.dumps({**spec, "models": ["zoo:tinyllama-s0"]}))
+    with pytest.raises(UserError, match="listed twice"):
+        load_experiment(path)
