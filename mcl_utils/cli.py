@@ -38,7 +38,8 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--id-column", default=None, help="column holding unique sample ids (default: row number)")
     g.add_argument("--n-samples", type=int, default=2000,
                    help="seeded sample size, stratified by genre where there is one; 0 = all (default: 2000)")
-    g.add_argument("--min-words", type=int, default=50, help="drop shorter samples (default: 50)")
+    g.add_argument("--min-words", type=int, default=None,
+                   help="drop shorter samples (default: 50 for brown, 0 for your own files)")
     g.add_argument("--seed", type=int, default=0, help="seed of the evaluation sample (default: 0)")
 
 
@@ -51,6 +52,9 @@ def _score(args: argparse.Namespace) -> None:
     corpus = load_corpus(CorpusSpec(source=args.corpus, split=args.split, text_column=args.text_column,
                                     id_column=args.id_column, n_samples=args.n_samples or None,
                                     min_words=args.min_words, seed=args.seed))
+    if corpus.dropped:
+        said = ", ".join(f"{n} {reason}" for reason, n in corpus.dropped.items())
+        print(f"mcl: note: {len(corpus.samples)} samples kept; left out {said}", file=sys.stderr)
     settings = ScoringSettings(max_length=args.max_length, batch_tokens=args.batch_tokens,
                                device=args.device, dtype=args.dtype)
     for spec in args.model:
