@@ -133,10 +133,21 @@ def _file_stats(path: Path, exclude: tuple[str, ...] = ()) -> tuple[tuple[str, i
     return tuple((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=1024)
+def _sha256_once(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, once per process while its size and mtime stay the same."""
+    return sha256_file(path)
+
+
+def _sha256_of(path: Path) -> str:
+    """sha256 of one file, memoized on its size and mtime."""
+    stat = path.stat()
+    return _sha256_once(path, stat.st_size, stat.st_mtime_ns)
+
+
 def _file_hashes(path: Path, stats: tuple[tuple[str, int, int], ...]) -> tuple[tuple[str, str], ...]:
-    """sha256 of the listed files, once per process; a changed size or mtime is a new cache entry."""
-    return tuple((rel, sha256_file(path / rel)) for rel, _, _ in stats)
+    """sha256 of the listed files (each hashed once per process while its size and mtime hold)."""
+    return tuple((rel, _sha256_once(path / rel, size, mtime)) for rel, size, mtime in stats)
 
 
 def _dir_fingerprint(path: Path) -> str:
@@ -189,12 +200,6 @@ def _gguf_source_files(name: str) -> list[Path]:
     return paths
 
 
-def _sha256_memo(path: Path) -> str:
-    """sha256 of one file, once per process while its size and mtime stay the same."""
-    stat = path.stat()
-    return dict(_file_hashes(path.parent, ((path.name, stat.st_size, stat.st_mtime_ns),)))[path.name]
-
-
 def _remove_stale_temps(target: Path) -> None:
     """Remove temporary siblings of a cache entry left by killed writers (call with its lock held)."""
     for stale in target.parent.glob(f"{target.name}.tmp-*"):
@@ -208,12 +213,12 @@ def gguf_file(name: str) -> Path:
     parts = _gguf_source_files(name)
     if len(parts) == 1:
         path = parts[0]
-        digest = _sha256_memo(path)
+        digest = _sha256_of(path)
     else:
         path = cache_root() / "gguf" / f"{name}.gguf"
         with file_lock(path):
             _remove_stale_temps(path)
-            if not (path.exists() and _sha256_memo(path) == pkg.sha256):
+            if not (path.exists() and _sha256_of(path) == pkg.sha256):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
                 with open(tmp, "wb") as out:
@@ -221,7 +226,7 @@ def gguf_file(name: str) -> Path:
                         with open(part, "rb") as f:
                             shutil.copyfileobj(f, out)
                 os.replace(tmp, path)
-            digest = _sha256_memo(path)
+            digest = _sha256_of(path)
             if digest != pkg.sha256:
                 path.unlink()
     if digest != pkg.sha256:
@@ -267,6 +272,7 @@ def dequantized_checkpoint(name: str) -> Path:
         shutil.rmtree(target, ignore_errors=True)  # absent, damaged or unverifiable: rebuild it
         src = gguf_file(name)
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        target.parent.mkdir(parents=True, exist_ok=True)
         try:
             _dequantize(src, tmp)
             (tmp / "mcl-source.json").write_text(json.dumps({"gguf": src.name, "sha256": pkg.sha256}))
@@ -378,6 +384,18 @@ def _check_loading_info(spec: ModelSpec, info: dict) -> None:
                         "random; fix: point at a complete checkpoint written by save_pretrained")
 
 
+@torch.inference_mode()
+def _check_attends_only_backwards(spec: ModelSpec, model: torch.nn.Module, device: torch.device) -> None:
+    """Refuse a model whose first position sees the second token (e.g. an encoder loaded with is_decoder
+    off): its losses would condition on the very tokens they score."""
+    ids = torch.tensor([[1, 2], [1, 3]], device=device)
+    first = model(input_ids=ids, use_cache=False).logits[:, 0].float()
+    scale = float(first.abs().max()) or 1.0
+    if not torch.allclose(first[0], first[1], rtol=0, atol=1e-3 * scale):
+        raise UserError(f"{spec.name} is not causal: its prediction at the first position changes with the "
+                        "second token; fix: score a decoder-only model (for BERT-like models, set is_decoder)")
+
+
 @contextlib.contextmanager
 def _weights_report_held() -> Iterator[list[logging.LogRecord]]:
     """Hold back transformers' multi-line weight-loading report: _check_loading_info turns what it says
@@ -424,6 +442,7 @@ def load_model(spec_or_name: str | ModelSpec, device: str = "auto", dtype: str =
     for record in report:  # nothing missing or unexpected, yet transformers had something to say
         logging.getLogger(record.name).handle(record)
     model.to(dev).eval()
+    _check_attends_only_backwards(spec, model, dev)
     if tokenizer.bos_token_id is not None:
         prefix_id, policy = tokenizer.bos_token_id, "bos"
     elif tokenizer.eos_token_id is not None:
