@@ -274,7 +274,7 @@ def load_corpus(spec: CorpusSpec = CorpusSpec()) -> Corpus:
     if len(df) and not is_text[texts.notna()].all():
         bad = texts[texts.notna() & ~is_text].iloc[0]
         raise UserError(f"corpus {spec.source!r}: text column {spec.text_column!r} holds {type(bad).__name__} "
-                        f"values such as {bad!r}, not text; fix: pass the column that holds the texts "
+                        f"values such as {str(bad)[:40]!r}, not text; fix: pass the column that holds the texts "
                         "with --text-column")
     keep = is_text & (texts.where(is_text, "").str.strip().str.len() > 0)
     dropped = {"empty": int((~keep).sum())}

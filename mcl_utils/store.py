@@ -143,6 +143,16 @@ def write_loss_table(path: Path, table: pd.DataFrame, provenance: dict) -> None:
         pq.write_table(arrow, tmp)
 
 
+def record_content_hash(path: Path) -> None:
+    """Add the content hash to a valid loss table written before tables carried one (a one-time upgrade of
+    trusted, committed tables; anything else is simply rescored)."""
+    table = pq.read_table(path)
+    provenance = json.loads(table.schema.metadata[PROVENANCE_KEY])
+    frame = table.to_pandas()
+    check_losses(frame["nll_nats"].to_numpy(), frame["sample_id"].tolist(), f"loss table {path}")
+    write_loss_table(path, frame, {k: v for k, v in provenance.items() if k != CONTENT_KEY})
+
+
 def _damaged(path: Path, exc: Exception) -> UserError:
     """The one-line error for a loss table that cannot be read back."""
     return UserError(f"loss table {path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:150]}); "

@@ -119,9 +119,9 @@ SCORE_CASES = [
     ("device gpu0", _options({"--device": "gpu0"}), "unknown device 'gpu0'"),
     ("device meta", _options({"--device": "meta"}), "unknown device 'meta'"),
     pytest.param("device cuda without CUDA", _options({"--device": "cuda"}), "torch sees no CUDA GPU",
-                 marks=pytest.mark.skipif(CUDA, reason="this machine has CUDA")),
+                 marks=pytest.mark.skipif(CUDA, reason="this machine has CUDA"), id="device cuda without CUDA"),
     pytest.param("device cuda:3 without CUDA", _options({"--device": "cuda:3"}), "torch sees no CUDA GPU",
-                 marks=pytest.mark.skipif(CUDA, reason="this machine has CUDA")),
+                 marks=pytest.mark.skipif(CUDA, reason="this machine has CUDA"), id="device cuda:3 without CUDA"),
     ("dtype float64", _options({"--dtype": "float64"}), "unknown dtype 'float64'"),
     ("corrupt parquet", _file("bad.parquet", b"PAR1 this is not parquet PAR1"), "is not a readable parquet file"),
     ("truncated parquet", _truncated_parquet, "is not a readable parquet file"),
@@ -134,7 +134,8 @@ SCORE_CASES = [
     ("blank txt", _file("blank.txt", b"\n\n   \n\t\n"), "has no non-empty samples"),
     ("all-null text column", _frame("null.parquet", pd.DataFrame({"text": [None, None]}, dtype=object)),
      "has no non-empty samples"),
-    ("numeric text column", _frame("numbers.parquet", pd.DataFrame({"text": [1.5, 2.5]})), "holds float values"),
+    ("numeric text column", _frame("numbers.parquet", pd.DataFrame({"text": [1.5, 2.5]})),
+     "holds float64 values such as '1.5'"),
     ("missing text column", _frame("other.parquet", pd.DataFrame({"body": TEXTS})), "has no text column 'text'"),
     ("unknown corpus type", _file("texts.csv", b"text\nhello\n"), "has unknown type '.csv'"),
     ("corpus is a folder", lambda tmp, _: {"--corpus": str(tmp)}, "nor an existing file"),
@@ -184,8 +185,8 @@ def _assert_one_line_error(capfd, argv: list[str], message: str) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize("name,build,message", SCORE_CASES, ids=[c[0] if isinstance(c, tuple) else c.values[0]
-                                                                  for c in SCORE_CASES])
+@pytest.mark.parametrize("name,build,message", [pytest.param(*c, id=c[0]) if type(c) is tuple else c
+                                                for c in SCORE_CASES])
 def test_bad_score_input(name, build, message, tmp_path, tiny_llama, jsonl_corpus, capfd, monkeypatch):
     """`mcl score` with one bad input: exit 2, one line, nothing written (no out folder, no temp file)."""
     monkeypatch.setenv("MCL_CACHE", str(tmp_path / "cache"))

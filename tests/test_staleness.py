@@ -123,10 +123,12 @@ def test_kill_between_table_and_checkpoint_removal(tmp_path, tiny_llama, jsonl_c
                              str(out)], cwd=REPO, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert len(list(out.glob("*.partial.jsonl"))) == 1
+    (table,) = out.glob("*.parquet")
+    written = table.stat().st_mtime_ns
     corpus = load_corpus(CorpusSpec(source=str(jsonl_corpus), id_column="id", n_samples=None, min_words=0))
     path = score_model(f"dir:{tiny_llama}", corpus, out, ScoringSettings(device="cpu", dtype="float32",
                                                                          batch_tokens=40), progress=False)
-    assert read_loss_table(path)[1]["resumed_batches"] > 0  # the killed run's table, reused
+    assert path == table and table.stat().st_mtime_ns == written  # the killed run's table, reused
     assert not list(out.glob("*.partial.jsonl"))
 
 
