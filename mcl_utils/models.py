@@ -203,7 +203,10 @@ def _gguf_source_files(name: str) -> list[Path]:
 def _remove_stale_temps(target: Path) -> None:
     """Remove temporary siblings of a cache entry left by killed writers (call with its lock held)."""
     for stale in target.parent.glob(f"{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def gguf_file(name: str) -> Path:
