@@ -238,7 +238,7 @@ def test_dropped_samples_are_reported(tmp_path, tiny_llama, capfd, monkeypatch):
     argv = _argv(tmp_path, tiny_llama, corpus, {"--id-column": None, "--min-words": "5"})
     assert main(argv) == 0
     err = capfd.readouterr().err
-    assert "7 samples kept; left out 2 empty, 1 under 5 words" in err
+    assert "7 samples scored; left out 2 empty, 1 under 5 words" in err
 
 
 def test_own_file_keeps_short_samples_by_default(tmp_path):
