@@ -28,10 +28,12 @@ HEADER = """\
 
 
 def locked_pins(path: Path) -> list[str]:
-    """The `name==version` lines of an existing lock (hashes and comments dropped)."""
+    """The `name==version` lines of an existing lock (hashes, extras and comments dropped: constraints
+    cannot carry extras)."""
     if not path.exists():
         return []
-    return re.findall(r"^([A-Za-z0-9_.\-]+==[^\s\\;]+)", path.read_text(), flags=re.M)
+    pins = re.findall(r"^([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?(==[^\s\\;]+)", path.read_text(), flags=re.M)
+    return [name + version for name, version in pins]
 
 
 def resolve(pins: list[str]) -> list[dict]:
@@ -58,14 +60,35 @@ def wheel_sha256(entry: dict) -> str:
     return hashlib.sha256(Path(unquote(url.path)).read_bytes()).hexdigest()
 
 
+def requested_extras(entries: list[dict]) -> dict[str, set[str]]:
+    """Extras that the resolved packages ask of each other (e.g. typepy[datetime]): pip's hash-checking
+    mode accepts such a requirement only when the lock pins it with its extras too."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    extras: dict[str, set[str]] = {}
+    for entry in entries:
+        for spec in entry["metadata"].get("requires_dist") or []:
+            req = Requirement(spec)
+            if req.extras and (req.marker is None or req.marker.evaluate({"extra": ""})):
+                extras.setdefault(canonicalize_name(req.name), set()).update(req.extras)
+    return extras
+
+
 def main() -> None:
     """Resolve, hash, and write the lock file."""
+    from packaging.utils import canonicalize_name
+
     lines = []
-    for entry in resolve(locked_pins(LOCK)):
+    entries = resolve(locked_pins(LOCK))
+    extras = requested_extras(entries)
+    for entry in entries:
         if "dir_info" in entry["download_info"]:  # the project itself, installed from the checkout
             continue
         meta = entry["metadata"]
-        lines.append(f"{meta['name']}=={meta['version']} \\\n    --hash=sha256:{wheel_sha256(entry)}")
+        wanted = sorted(extras.get(canonicalize_name(meta["name"]), ()))
+        names = [meta["name"]] + ([f"{meta['name']}[{','.join(wanted)}]"] if wanted else [])
+        lines += [f"{name}=={meta['version']} \\\n    --hash=sha256:{wheel_sha256(entry)}" for name in names]
     LOCK.write_text(HEADER + "\n".join(sorted(lines, key=str.lower)) + "\n")
     print(f"wrote {LOCK} ({len(lines)} packages)")
 
