@@ -36,11 +36,13 @@ NOTEBOOKS = REPO_ROOT / "notebooks"
 GENERATED = REPO_ROOT / "book" / "generated"
 RESULTS = REPO_ROOT / "results"
 HIDDEN_TAGS = {"parameters", "injected-parameters"}
-ANALYSES = ("oracle", "laws")
+ANALYSES = ("oracle", "laws", "gpus")
+DEFAULT_ANALYSES = ("oracle", "laws")
 # Files each analysis notebook reads besides the loss tables and the corpus (glob patterns under the
 # repository), and the results it writes under the experiment's results folder. The stage's cache key
 # covers the inputs' contents; its executed notebook records the outputs' sha256, checked before reuse.
-STAGE_INPUTS = {"oracle": (), "laws": ("data/published/*.csv",)}
+STAGE_INPUTS = {"oracle": (), "laws": ("data/published/*.csv",),
+                "gpus": ("results/benchmarks/*.json", "experiments/paper-scale.yaml")}
 STAGE_OUTPUTS = {"oracle": ("oracle.parquet", "oracle.json"), "laws": ("fits.json",)}
 LIBRARY_VERSIONS = ("torch", "transformers", "numpy", "pandas", "scipy", "altair", "papermill", "jupyter-book",
                     "myst-nb", "sphinx")
@@ -56,7 +58,7 @@ class Experiment:
     corpus: CorpusSpec = CorpusSpec()
     models: tuple[str, ...] = ()
     scoring: ScoringSettings = ScoringSettings()
-    analyses: tuple[str, ...] = ANALYSES
+    analyses: tuple[str, ...] = DEFAULT_ANALYSES
     bootstrap_resamples: int = 1000
     results_dir: Path = RESULTS
     generated_dir: Path = GENERATED
@@ -150,7 +152,7 @@ def load_experiment(path: str | Path, results_dir: Path = RESULTS, generated_dir
     if isinstance(scoring.gpus_per_model, dict) and set(scoring.gpus_per_model) - set(names):
         raise UserError(f"{path}: gpus_per_model names {sorted(set(scoring.gpus_per_model) - set(names))}, "
                         "which are not under models:; fix: use the exact model specs listed there")
-    analyses = raw.get("analyses", list(ANALYSES))
+    analyses = raw.get("analyses", list(DEFAULT_ANALYSES))
     unknown = [a for a in analyses if a not in ANALYSES]
     if unknown:
         raise UserError(f"{path}: unknown analyses {unknown}; fix: choose from {list(ANALYSES)}")
