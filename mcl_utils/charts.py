@@ -108,3 +108,70 @@ def residuals(df: pd.DataFrame, x_title: str) -> alt.Chart:
         y=alt.Y("log_residual:Q", title="log(predicted) - log(observed)"),
         color=alt.Color("series:N", title=None))
     return (zero + dots).properties(title="Residuals of the fit", height=180)
+
+
+def family_scaling(points: pd.DataFrame, curves: pd.DataFrame, x_title: str) -> alt.Chart:
+    """Bits per byte of each family's models against size, with each family's fitted law (points: x, bpb,
+    family, model, seed; curves: x, bpb, family). Seed replicas are hollow."""
+    x = alt.X("x:Q", title=x_title, scale=alt.Scale(type="log"))
+    y = alt.Y("bpb:Q", title="bits per byte on the Brown sample", scale=alt.Scale(zero=False))
+    color = alt.Color("family:N", title=None)
+    line = alt.Chart(curves).mark_line(strokeWidth=2, opacity=0.8).encode(x=x, y=y, color=color)
+    dots = alt.Chart(points).mark_point(size=60).encode(
+        x=x, y=y, color=color, fill=alt.condition("datum.seed == 0", color, alt.value("white")),
+        tooltip=["model", alt.Tooltip("x:Q", format=","), alt.Tooltip("bpb:Q", format=".4f")])
+    return (line + dots).properties(title="Each family's models and its fitted law", width=460, height=300)
+
+
+def training_curves(logs: pd.DataFrame) -> alt.Chart:
+    """Training loss against tokens seen, one panel per family (columns: tokens, loss_nats, family, size,
+    model); losses are per token of each family's own tokenizer, so the panels do not share a y axis."""
+    return alt.Chart(logs).mark_line(strokeWidth=1.5).encode(
+        x=alt.X("tokens:Q", title="tokens seen", scale=alt.Scale(type="log")),
+        y=alt.Y("loss_nats:Q", title="training loss (nats per token)", scale=alt.Scale(zero=False)),
+        color=alt.Color("size:N", title="size"), detail="model:N",
+        tooltip=["model", alt.Tooltip("tokens:Q", format=","), alt.Tooltip("loss_nats:Q", format=".3f")],
+    ).properties(width=230, height=200).facet(column=alt.Column("family:N", title=None)).resolve_scale(
+        y="independent").properties(title="Training curves (mean loss over each 10 steps)")
+
+
+def lr_sweep(runs: pd.DataFrame) -> alt.Chart:
+    """Validation bits per byte against peak learning rate, one panel per family, one line per size."""
+    return alt.Chart(runs).mark_line(point=True).encode(
+        x=alt.X("lr:Q", title="peak learning rate", scale=alt.Scale(type="log")),
+        y=alt.Y("val_bpb:Q", title="validation bits per byte", scale=alt.Scale(zero=False)),
+        color=alt.Color("size:N", title="size"),
+        tooltip=["size", alt.Tooltip("lr:Q", format=".3g"), alt.Tooltip("val_bpb:Q", format=".4f")],
+    ).properties(width=230, height=200).facet(column=alt.Column("family:N", title=None)).resolve_scale(
+        y="independent").properties(title="Learning-rate sweeps")
+
+
+def pool_cloud(density: pd.DataFrame, curves: pd.DataFrame, points: pd.DataFrame) -> alt.Chart:
+    """Every pool as a density of (total parameters, oracle bits per byte) cells, with fitted laws and
+    budget points on top (density: x, x2, y, y2, pools; curves: x, bpb, series; points: x, bpb, series)."""
+    x = alt.X("x:Q", title="total parameters of the pool", scale=alt.Scale(type="log"))
+    y = alt.Y("bpb:Q", title="oracle bits per byte", scale=alt.Scale(zero=False))
+    cells = alt.Chart(density).mark_rect(opacity=0.6).encode(
+        x=alt.X("x:Q", scale=alt.Scale(type="log"), title="total parameters of the pool"), x2="x2:Q",
+        y=alt.Y("y:Q", scale=alt.Scale(zero=False)), y2="y2:Q",
+        color=alt.Color("pools:Q", title="pools", scale=alt.Scale(type="log", scheme="greys")),
+        tooltip=[alt.Tooltip("pools:Q", format=",")])
+    line = alt.Chart(curves).mark_line(strokeWidth=2).encode(x=x, y=y, color=alt.Color("series:N", title=None))
+    dots = alt.Chart(points).mark_point(filled=True, size=45).encode(
+        x=x, y=y, color=alt.Color("series:N", title=None), shape=alt.Shape("series:N", title=None),
+        tooltip=["series", alt.Tooltip("x:Q", format=","), alt.Tooltip("bpb:Q", format=".4f")])
+    return (cells + line + dots).resolve_scale(color="independent").properties(
+        title="Every pool, the budget points and the fitted laws", width=480, height=320)
+
+
+def intervals(df: pd.DataFrame, x_title: str, title: str) -> alt.Chart:
+    """Point estimates with interval bars, one row per label (columns: label, value, lo, hi, group)."""
+    y = alt.Y("label:N", title=None, sort=None)
+    zero = alt.Chart(pd.DataFrame({"x": [0.0]})).mark_rule(color="gray", strokeDash=[4, 4]).encode(x="x:Q")
+    bars = alt.Chart(df).mark_rule(strokeWidth=2).encode(x=alt.X("lo:Q", title=x_title), x2="hi:Q", y=y,
+                                                         color=alt.Color("group:N", title=None))
+    dots = alt.Chart(df).mark_point(filled=True, size=60).encode(
+        x="value:Q", y=y, color=alt.Color("group:N", title=None),
+        tooltip=["label", "group", alt.Tooltip("value:Q", format=".4g"), alt.Tooltip("lo:Q", format=".4g"),
+                 alt.Tooltip("hi:Q", format=".4g")])
+    return (zero + bars + dots).properties(title=title, height=alt.Step(22), width=420)

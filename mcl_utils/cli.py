@@ -151,7 +151,7 @@ def _add_zoo_parser(sub: argparse._SubParsersAction) -> None:
                             "results/zoo/sweeps/FAMILY.json with validation bits per byte and the fitted rule "
                             "lr(width) that later training of the family uses.")
     sweep.add_argument("family")
-    sweep.add_argument("--sizes", default="s1,s4", help="comma-separated sizes (default: s1,s4)")
+    sweep.add_argument("--sizes", default="s1,s3", help="comma-separated sizes (default: s1,s3)")
     sweep.add_argument("--lrs", default="1e-3,2e-3,4e-3,8e-3,1.6e-2,3.2e-2",
                        help="comma-separated peak learning rates (default: 1e-3 to 3.2e-2 in factors of 2)")
     score = zsub.add_parser("score", help="score an experiment's zoo models on its corpus (no notebooks)",

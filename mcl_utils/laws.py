@@ -356,14 +356,17 @@ def weighted_bpb(nll_nats: np.ndarray, n_bytes: np.ndarray, weights: np.ndarray)
 
 
 def _collect(unit: str, refits: Sequence[Callable[[], dict[str, float]]]) -> Bootstrap:
-    """Run refits, keeping parameters of the successful ones and counting failures by reason."""
-    rows, failures = [], Counter()
-    for attempt in refits:
+    """Run refits, keeping parameters of the successful ones (indexed by resample number, so that two
+    bootstraps with the same draws pair up) and counting failures by reason."""
+    rows, kept, failures = [], [], Counter()
+    for i, attempt in enumerate(refits):
         try:
             rows.append(attempt())
+            kept.append(i)
         except FitError as exc:
             failures[str(exc).split(";")[0]] += 1
-    return Bootstrap(unit=unit, n_resamples=len(refits), params=pd.DataFrame(rows), failures=dict(failures))
+    return Bootstrap(unit=unit, n_resamples=len(refits), params=pd.DataFrame(rows, index=kept),
+                     failures=dict(failures))
 
 
 def bootstrap_samples(base: Fit, nll_nats: np.ndarray, n_bytes: np.ndarray,
@@ -578,24 +581,42 @@ def fit_points(name: str, points: pd.DataFrame, nll_nats: np.ndarray, n_bytes: n
     return LawResult(name, points, point, tuple(boots), held)
 
 
-def _pool_points(matrix: LossMatrix, cards: pd.DataFrame, stat: str) -> tuple[pd.DataFrame, np.ndarray]:
-    """Budget points of the experiment's pools (x = total parameters) and their per-sample losses."""
-    table = oracle.pool_table(matrix, cards)
-    points = oracle.budget_points(table, stat).rename(columns={"params": "x"})
-    if stat == "frontier":
-        return points, oracle.pool_minima(matrix, points["pool"].tolist())
-    return points, oracle.budget_minima(matrix, table["pool"], oracle.budget_bins(table))
+class BudgetPoints:
+    """Budget points (each log-spaced budget bin's frontier and mean) of the pools, or of the single models,
+    of any subset of a matrix's models: computed once per subset, so bootstraps of several laws share them."""
 
+    def __init__(self, matrix: LossMatrix, cards: pd.DataFrame, singles: bool = False):
+        self.matrix, self.cards, self.singles = matrix, cards, singles
+        self._cache: dict[tuple[int, ...] | None, dict[str, pd.DataFrame]] = {}
 
-def _model_resample_fit(matrix: LossMatrix, cards: pd.DataFrame, stat: str) -> Callable[[np.ndarray], dict]:
-    """refit_models for bootstrap_models: the pool law of a subset of the models."""
-    def refit_models(models: np.ndarray) -> dict[str, float]:
-        sub = dataclasses.replace(matrix, models=[matrix.models[j] for j in models],
-                                  nll_nats=matrix.nll_nats[:, models], n_tokens=matrix.n_tokens[:, models],
-                                  provenance=[matrix.provenance[j] for j in models])
-        table = oracle.pool_table(sub, cards.iloc[models].reset_index(drop=True))
-        return fit(POWER_LAW, oracle.budget_points(table, stat).rename(columns={"params": "x"}), "bpb").params
-    return refit_models
+    def table(self, models: Sequence[int] | None = None) -> pd.DataFrame:
+        """The pool table (or the single models' rows) of all models, or of a subset of them."""
+        matrix, cards = self.matrix, self.cards
+        if models is not None:
+            matrix, cards = matrix.subset(models), cards.iloc[list(models)].reset_index(drop=True)
+        return oracle.single_table(matrix, cards) if self.singles else oracle.pool_table(matrix, cards)
+
+    def points(self, stat: str, models: Sequence[int] | None = None) -> pd.DataFrame:
+        """Budget points (x = total parameters, bpb) at each bin's frontier or mean."""
+        key = None if models is None else tuple(int(j) for j in models)
+        if key not in self._cache:
+            table = self.table(key)
+            self._cache[key] = {s: oracle.budget_points(table, s).rename(columns={"params": "x"})
+                                for s in ("frontier", "mean")}
+        return self._cache[key][stat]
+
+    def per_sample(self, stat: str) -> np.ndarray:
+        """Per-sample losses behind each budget point of all models (samples x points)."""
+        if stat == "frontier":
+            return oracle.pool_minima(self.matrix, self.points(stat)["pool"].tolist())
+        table = self.table()
+        return oracle.budget_minima(self.matrix, table["pool"], oracle.budget_bins(table))
+
+    def law(self, name: str, stat: str, n_resamples: int, seed: int = 0) -> LawResult:
+        """The power law of these budget points, with bootstraps over samples and over models."""
+        return fit_points(name, self.points(stat), self.per_sample(stat), self.matrix.n_bytes, n_resamples,
+                          lambda models: fit(POWER_LAW, self.points(stat, models), "bpb").params,
+                          len(self.matrix.models), seed)
 
 
 def experiment_laws(matrix: LossMatrix, cards: pd.DataFrame, n_resamples: int, seed: int = 0) -> list[LawResult]:
@@ -604,8 +625,91 @@ def experiment_laws(matrix: LossMatrix, cards: pd.DataFrame, n_resamples: int, s
     singles = pd.DataFrame({"x": cards["n_params_total"].to_numpy(float), "bpb": matrix.corpus_bpb().to_numpy(),
                             "model": matrix.models})
     results = [fit_points("single models", singles, matrix.nll_nats, matrix.n_bytes, n_resamples, seed=seed)]
-    for stat in ("frontier", "mean"):
-        points, per_sample = _pool_points(matrix, cards, stat)
-        results.append(fit_points(f"pools ({stat} per budget)", points, per_sample, matrix.n_bytes, n_resamples,
-                                  _model_resample_fit(matrix, cards, stat), len(matrix.models), seed))
+    pools = BudgetPoints(matrix, cards)
+    results += [pools.law(f"pools ({stat} per budget)", stat, n_resamples, seed) for stat in ("frontier", "mean")]
     return results
+
+
+def collaboration_laws(matrix: LossMatrix, cards: pd.DataFrame, n_resamples: int, seed: int = 0
+                       ) -> dict[str, LawResult]:
+    """Single-model and pool laws in total parameters, each at the budget bins' frontier and mean, with
+    bootstraps over samples and over models that share their draws (so that differences pair up)."""
+    out = {}
+    for singles, label in ((True, "single models"), (False, "pools")):
+        points = BudgetPoints(matrix, cards, singles)
+        for stat in ("frontier", "mean"):
+            out[f"{label} ({stat})"] = points.law(f"{label} ({stat} per budget)", stat, n_resamples, seed)
+    return out
+
+
+def paired_differences(a: LawResult, b: LawResult, level: float = 0.95) -> pd.DataFrame:
+    """Each parameter of law b minus law a: the point difference and its percentile interval under each
+    bootstrap unit, pairing resamples by number (the same sample weights, the same model draws)."""
+    if a.fit is None or b.fit is None:
+        raise FitError(f"cannot compare {a.name!r} with {b.name!r}: {a.error or b.error}")
+    tail, rows = 100 * (1 - level) / 2, []
+    for boot_a, boot_b in zip(a.boots, b.boots):
+        diff = (boot_b.params - boot_a.params).dropna()
+        for name in a.fit.form.param_names:
+            rows.append({"unit": boot_a.unit, "param": name, "difference": b.fit.params[name] - a.fit.params[name],
+                         "lo": np.percentile(diff[name], tail) if len(diff) else np.nan,
+                         "hi": np.percentile(diff[name], 100 - tail) if len(diff) else np.nan,
+                         "n_pairs": len(diff)})
+    return pd.DataFrame(rows)
+
+
+def verdict(diffs: pd.DataFrame, param: str, claimed_sign: int) -> str:
+    """'reproduced' when every bootstrap unit's interval of the difference lies on the claimed side of
+    zero, 'contradicted' when every one lies on the other side, else 'not resolved'."""
+    rows = diffs[diffs["param"] == param]
+    lo, hi = claimed_sign * rows["lo"], claimed_sign * rows["hi"]
+    low, high = np.minimum(lo, hi), np.maximum(lo, hi)
+    if len(rows) and (low > 0).all():
+        return "reproduced"
+    if len(rows) and (high < 0).all():
+        return "contradicted"
+    return "not resolved"
+
+
+def paired_bpb_difference(nll_a: np.ndarray, nll_b: np.ndarray, n_bytes: np.ndarray, n_resamples: int,
+                          seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """Mean over paired columns of bits per byte b minus a (samples x pairs each), with a percentile
+    interval from the bootstrap over evaluation samples."""
+    weights = np.vstack([np.ones(len(n_bytes)), resample_weights(len(n_bytes), n_resamples, seed)])
+    diff = (weighted_bpb(nll_b, n_bytes, weights) - weighted_bpb(nll_a, n_bytes, weights)).mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    return {"difference": float(diff[0]), "lo": float(np.percentile(diff[1:], tail)),
+            "hi": float(np.percentile(diff[1:], 100 - tail)), "n_pairs": int(nll_a.shape[1])}
+
+
+def family_laws(matrix: LossMatrix, cards: pd.DataFrame, n_resamples: int, x: str = "n_params_non_embedding",
+                seed: int = 0) -> dict[str, LawResult]:
+    """A power law with floor per model family: bits per byte against `x` (a card column) of the family's
+    models, with a bootstrap over samples and the largest model held out for extrapolation."""
+    bpb = matrix.corpus_bpb().to_numpy()
+    out = {}
+    for family, rows in cards.groupby("family", sort=False).groups.items():
+        idx = np.asarray(list(rows))
+        points = pd.DataFrame({"x": cards[x].to_numpy(float)[idx], "bpb": bpb[idx],
+                               "model": np.asarray(matrix.models)[idx]}).sort_values("x").reset_index(drop=True)
+        order = idx[np.argsort(cards[x].to_numpy(float)[idx], kind="stable")]
+        out[family] = fit_points(family, points, matrix.nll_nats[:, order], matrix.n_bytes, n_resamples, seed=seed)
+    return out
+
+
+def quality_bars(results: Mapping[str, LawResult], min_r2: float = 0.98, max_extrapolation: float = 0.02
+                 ) -> pd.DataFrame:
+    """Per family: does bits per byte fall with every step in size, does the law fit (R^2), and does it
+    predict the largest model from the others (relative error)? One row per family, with pass flags."""
+    rows = []
+    for family, result in results.items():
+        bpb = result.points.sort_values("x")["bpb"].to_numpy()
+        fitted = result.fit is not None
+        r2 = result.fit.r2() if fitted else float("nan")
+        error = float(result.held["relative_error"].iloc[-1]) if result.held is not None else float("nan")
+        rows.append({"family": family, "n_sizes": len(bpb), "monotone": bool(np.all(np.diff(bpb) < 0)),
+                     "r2": r2, "r2_ok": bool(r2 >= min_r2), "extrapolation_error": error,
+                     "extrapolation_ok": bool(abs(error) <= max_extrapolation)})
+    table = pd.DataFrame(rows)
+    table["all_bars"] = table[["monotone", "r2_ok", "extrapolation_ok"]].all(axis=1)
+    return table

@@ -152,15 +152,64 @@ def _describe_pools(matrix: LossMatrix, cards: pd.DataFrame, members: np.ndarray
     })
 
 
+def single_table(matrix: LossMatrix, cards: pd.DataFrame) -> pd.DataFrame:
+    """The pool table's rows of the one-model pools."""
+    eye = np.eye(len(matrix.models), dtype=bool)
+    return _describe_pools(matrix, cards, eye, matrix.nll_nats.sum(axis=0))
+
+
 def pool_minima(matrix: LossMatrix, pools: Sequence[str]) -> np.ndarray:
     """Per-sample oracle losses (n_samples x n_pools) of pools named as in the pool table ("a + b")."""
     index = {m: j for j, m in enumerate(matrix.models)}
     return np.column_stack([oracle_nll(matrix.nll_nats, [index[m] for m in p.split(" + ")]) for p in pools])
 
 
+def pool_masks(matrix: LossMatrix, pools: Sequence[str]) -> np.ndarray:
+    """Bit mask of each pool named as in the pool table ("a + b"): bit j is the matrix's model j."""
+    index = {m: j for j, m in enumerate(matrix.models)}
+    return np.array([sum(1 << index[m] for m in p.split(" + ")) for p in pools], dtype=np.int64)
+
+
+def group_mean_minima(nll_nats: np.ndarray, masks: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Per-sample mean oracle loss over the pools of each group (samples x groups); pools are bit masks,
+    groups are integer labels 0..G-1 (one per pool).
+
+    As in all_pool_nll_sums, each pool is the minimum of one subset-minimum row from each half of the
+    models; pools sharing a high half are taken together, sorted by group, and summed segment by segment."""
+    n_samples, n_models = nll_nats.shape
+    if n_models > MAX_EXACT_MODELS:
+        raise ValueError(f"{n_models} models: the half tables would hold 2^{(n_models + 1) // 2} rows each")
+    half = (n_models + 1) // 2
+    columns = np.ascontiguousarray(nll_nats.T, dtype=np.float64)
+    low, high = _subset_minima(columns[:half]), _subset_minima(columns[half:])
+    masks, groups = np.asarray(masks, dtype=np.int64), np.asarray(groups, dtype=np.int64)
+    order = np.lexsort((groups, masks >> half))  # by high half, then by group
+    hi, lo, grp = masks[order] >> half, masks[order] & ((1 << half) - 1), groups[order]
+    sums = np.zeros((groups.max() + 1, n_samples))
+    for h, start, stop in _runs(hi):
+        starts = start + _run_starts(grp[start:stop])
+        sums[grp[starts]] += np.add.reduceat(np.minimum(low[lo[start:stop]], high[h]), starts - start, axis=0)
+    return (sums / np.bincount(groups, minlength=len(sums))[:, None]).T
+
+
+def _run_starts(values: np.ndarray) -> np.ndarray:
+    """Positions where a run of equal values starts in a sorted array."""
+    return np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+
+
+def _runs(values: np.ndarray) -> list[tuple[int, int, int]]:
+    """(value, start, stop) of each run of equal values in a sorted array."""
+    starts = _run_starts(values)
+    return [(int(values[a]), int(a), int(b)) for a, b in zip(starts, np.r_[starts[1:], len(values)])]
+
+
 def budget_minima(matrix: LossMatrix, pools: pd.Series, bins: np.ndarray, chunk: int = 512) -> np.ndarray:
     """Per-sample mean, over the pools of each bin, of the pools' per-sample oracle losses (samples x bins):
-    the per-sample losses behind budget_points(..., "mean"), accumulated in chunks to bound memory."""
+    the per-sample losses behind budget_points(..., "mean"). Up to MAX_EXACT_MODELS models by half tables
+    (group_mean_minima), else pool by pool in chunks to bound memory."""
+    if len(matrix.models) <= MAX_EXACT_MODELS:
+        _, groups = np.unique(bins, return_inverse=True)
+        return group_mean_minima(matrix.nll_nats, pool_masks(matrix, pools.tolist()), groups)
     out = np.zeros((len(matrix.sample_ids), len(np.unique(bins))))
     for column, b in enumerate(np.unique(bins)):
         members = pools[bins == b].tolist()
@@ -239,3 +288,142 @@ def per_token_winner_flips(matrix: LossMatrix) -> float:
     by_sum = np.argmin(matrix.nll_nats, axis=1)
     by_token = np.argmin(matrix.nll_nats / matrix.n_tokens, axis=1)
     return float(np.mean(by_sum != by_token))
+
+
+# ---------------------------------------------------------------- homogeneous versus heterogeneous pools
+
+
+def matched_pools(table: pd.DataFrame, tolerance: float = 0.25, per_pool: int = 32, seed: int = 0
+                  ) -> pd.DataFrame:
+    """For each homogeneous pool of two or more models, up to `per_pool` heterogeneous pools (seeded draw)
+    with as many models and total parameters within a factor 1 + tolerance: one row per (pool, match)."""
+    rng = np.random.default_rng(seed)
+    homogeneous = table[(table["kind"] == "homogeneous") & (table["n_models"] >= 2)]
+    heterogeneous = table[table["kind"] == "heterogeneous"]
+    log_params = np.log(heterogeneous["total_params"].to_numpy(float))
+    sizes = heterogeneous["n_models"].to_numpy()
+    rows = []
+    for pool in homogeneous.itertuples():
+        close = np.flatnonzero((sizes == pool.n_models)
+                               & (np.abs(log_params - math.log(pool.total_params)) <= math.log1p(tolerance)))
+        for j in rng.choice(close, min(per_pool, len(close)), replace=False) if len(close) else ():
+            match = heterogeneous.iloc[j]
+            rows.append({"homogeneous": pool.pool, "family": pool.families, "n_models": pool.n_models,
+                         "total_params": pool.total_params, "heterogeneous": match["pool"],
+                         "match_params": match["total_params"]})
+    return pd.DataFrame(rows)
+
+
+def matched_losses(matrix: LossMatrix, pairs: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The homogeneous pools of `pairs`, their per-sample oracle losses, and the per-sample mean oracle
+    loss of their matched heterogeneous pools (samples x pools, both)."""
+    pools = list(dict.fromkeys(pairs["homogeneous"]))
+    groups = pd.Categorical(pairs["homogeneous"], categories=pools).codes
+    matched = group_mean_minima(matrix.nll_nats, pool_masks(matrix, pairs["heterogeneous"].tolist()), groups)
+    return pools, pool_minima(matrix, pools), matched
+
+
+# ---------------------------------------------------------------- diversity
+
+
+DIVERSITY_MEASURES = {
+    "loss_correlation": "mean correlation of members' per-sample bits per byte (lower: more diverse)",
+    "win_entropy_bits": "entropy of the members' win shares, in bits (higher: wins spread more evenly)",
+    "upset_share": "share of samples the best member does not win",
+    "n_families": "number of families in the pool",
+    "size_spread": "standard deviation of members' log10 total parameters",
+}
+
+
+class PoolDiversity:
+    """Diversity measures and oracle gain of a set of pools, recomputable under any weighting of the
+    samples (a bootstrap draw) without recomputing per-sample minima or winners."""
+
+    def __init__(self, matrix: LossMatrix, cards: pd.DataFrame, pools: Sequence[Sequence[int]]):
+        from scipy import sparse
+
+        self.matrix, self.cards = matrix, cards
+        n_samples, n_models = matrix.nll_nats.shape
+        self.members = np.zeros((len(pools), n_models), dtype=bool)
+        for i, p in enumerate(pools):
+            self.members[i, list(p)] = True
+        n_params = cards["n_params_total"].to_numpy(np.int64)
+        self.minima = np.column_stack([oracle_nll(matrix.nll_nats, p) for p in pools])
+        won = np.column_stack([np.asarray(p)[winners(matrix.nll_nats[:, list(p)], n_params[list(p)])] for p in pools])
+        columns = (np.arange(len(pools))[None, :] * n_models + won).ravel()
+        self.wins = sparse.csr_matrix((np.ones(won.size), (np.repeat(np.arange(n_samples), len(pools)), columns)),
+                                      shape=(n_samples, len(pools) * n_models))
+        codes = pd.factorize(cards["family"])[0]
+        self.static = pd.DataFrame({
+            "pool": [" + ".join(np.asarray(matrix.models)[m]) for m in self.members],
+            "n_models": self.members.sum(axis=1),
+            "total_params": self.members.astype(np.int64) @ n_params,
+            "n_families": [len(set(codes[m])) for m in self.members],
+            "size_spread": [float(np.std(np.log10(n_params[m]))) for m in self.members]})
+        self.static["kind"] = np.where(self.static["n_families"] > 1, "heterogeneous", "homogeneous")
+
+    def measures(self, weights: np.ndarray | None = None) -> pd.DataFrame:
+        """One row per pool: oracle and best-member bits per byte, relative gain, diversity measures."""
+        nll, n_bytes = self.matrix.nll_nats, self.matrix.n_bytes.astype(float)
+        w = np.ones(len(n_bytes)) if weights is None else np.asarray(weights, dtype=float)
+        scale = LN2 * (w @ n_bytes)
+        single = (w @ nll) / scale
+        best = np.where(self.members, single[None, :], np.inf)
+        best_member = best.argmin(axis=1)
+        oracle_bpb, best_bpb = (w @ self.minima) / scale, best.min(axis=1)
+        shares = (self.wins.T @ w).reshape(len(self.members), -1) / w.sum()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            entropy = -np.where(shares > 0, shares * np.log2(shares), 0.0).sum(axis=1)
+        bpb = nll / (LN2 * n_bytes[:, None])
+        mean = (w @ bpb) / w.sum()
+        cov = ((bpb - mean) * w[:, None]).T @ (bpb - mean) / w.sum()
+        corr = cov / np.sqrt(np.outer(np.diag(cov), np.diag(cov)))
+        k = self.members.sum(axis=1)
+        pair_sum = ((self.members @ corr) * self.members).sum(axis=1) - k
+        return self.static.assign(
+            oracle_bpb=oracle_bpb, best_single_bpb=best_bpb,
+            gain_pct=100 * (best_bpb - oracle_bpb) / best_bpb,
+            loss_correlation=np.where(k > 1, pair_sum / np.maximum(k * (k - 1), 1), np.nan),
+            win_entropy_bits=entropy, upset_share=1 - shares[np.arange(len(shares)), best_member])
+
+
+def rank_correlations(table: pd.DataFrame, target: str = "gain_pct",
+                      measures: Sequence[str] = tuple(DIVERSITY_MEASURES)) -> dict[str, dict[str, float]]:
+    """Spearman correlation of each measure with `target` over pools of two or more models: across all
+    of them, and within each pool size (the mean over sizes, weighted by the number of pools).
+
+    Spearman is Pearson on ranks; within sizes the ranks are taken and centred per size, all at once."""
+    multi = table.loc[table["n_models"] >= 2, [*measures, target, "n_models"]]
+    size = multi["n_models"]
+    out = {}
+    for scope, ranks in (("all_sizes", multi[[*measures, target]].rank()),
+                         ("within_size", multi.groupby(size)[[*measures, target]].rank())):
+        centred = ranks - (ranks.groupby(size).transform("mean") if scope == "within_size" else ranks.mean())
+        by = size if scope == "within_size" else np.zeros(len(size))
+        cross = centred[list(measures)].mul(centred[target], axis=0).groupby(by).sum()
+        squares = (centred ** 2).groupby(by).sum()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rho = cross / np.sqrt(squares[list(measures)].mul(squares[target], axis=0))
+        counts = size.groupby(by).size()
+        for m in measures:
+            ok = np.isfinite(rho[m]) & (counts > 2)
+            value = float(np.average(rho[m][ok], weights=counts[ok])) if ok.any() else float("nan")
+            out.setdefault(m, {})[scope] = value
+    return out
+
+
+def diversity_intervals(diversity: PoolDiversity, weights: np.ndarray, level: float = 0.95) -> pd.DataFrame:
+    """rank_correlations of the measures with the gain, with percentile intervals over bootstrap weight
+    rows (laws.resample_weights): one row per measure and scope."""
+    point = rank_correlations(diversity.measures())
+    draws = [rank_correlations(diversity.measures(w)) for w in weights]
+    tail = 100 * (1 - level) / 2
+    rows = []
+    for m, scopes in point.items():
+        for scope, rho in scopes.items():
+            values = np.array([d[m][scope] for d in draws])
+            values = values[np.isfinite(values)]
+            rows.append({"measure": m, "scope": scope, "spearman": rho,
+                         "lo": np.percentile(values, tail) if len(values) else np.nan,
+                         "hi": np.percentile(values, 100 - tail) if len(values) else np.nan})
+    return pd.DataFrame(rows)

@@ -36,14 +36,19 @@ NOTEBOOKS = REPO_ROOT / "notebooks"
 GENERATED = REPO_ROOT / "book" / "generated"
 RESULTS = REPO_ROOT / "results"
 HIDDEN_TAGS = {"parameters", "injected-parameters"}
-ANALYSES = ("oracle", "laws", "gpus")
+ANALYSES = ("oracle", "laws", "gpus", "scaling", "collaboration", "diversity")
 DEFAULT_ANALYSES = ("oracle", "laws")
 # Files each analysis notebook reads besides the loss tables and the corpus (glob patterns under the
 # repository), and the results it writes under the experiment's results folder. The stage's cache key
 # covers the inputs' contents; its executed notebook records the outputs' sha256, checked before reuse.
+ZOO_CARDS = ("results/zoo/*.json", "results/zoo/logs/*.csv")
 STAGE_INPUTS = {"oracle": (), "laws": ("data/published/*.csv",),
-                "gpus": ("results/benchmarks/*.json", "experiments/paper-scale.yaml")}
-STAGE_OUTPUTS = {"oracle": ("oracle.parquet", "oracle.json"), "laws": ("fits.json",)}
+                "gpus": ("results/benchmarks/*.json", "experiments/paper-scale.yaml"),
+                "scaling": (*ZOO_CARDS, "results/zoo/sweeps/*.json", "experiments/offline-llms.yaml",
+                            "results/losses/*.parquet"),
+                "collaboration": ZOO_CARDS, "diversity": ZOO_CARDS}
+STAGE_OUTPUTS = {"oracle": ("oracle.parquet", "oracle.json"), "laws": ("fits.json",), "scaling": ("scaling.json",),
+                 "collaboration": ("collaboration.json",), "diversity": ("diversity.json",)}
 LIBRARY_VERSIONS = ("torch", "transformers", "numpy", "pandas", "scipy", "altair", "papermill", "jupyter-book",
                     "myst-nb", "sphinx")
 

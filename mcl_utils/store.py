@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import hashlib
 import json
@@ -229,6 +231,13 @@ class LossMatrix:
     def corpus_bpb(self) -> pd.Series:
         """Byte-weighted bits per byte of each model."""
         return pd.Series(self.nll_nats.sum(0) / (LN2 * self.n_bytes.sum()), index=self.models)
+
+    def subset(self, columns: Sequence[int]) -> LossMatrix:
+        """The same samples with only these models (column indices, in this order)."""
+        columns = list(columns)
+        return dataclasses.replace(self, models=[self.models[j] for j in columns], nll_nats=self.nll_nats[:, columns],
+                                   n_tokens=self.n_tokens[:, columns],
+                                   provenance=[self.provenance[j] for j in columns])
 
 
 def load_matrix(paths: Sequence[Path]) -> LossMatrix:

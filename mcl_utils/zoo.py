@@ -79,10 +79,12 @@ class Family:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     data_seed: int = 0  # the order of documents; seed replicas differ only in initialization
+    rows_per_width: float = 0.5  # batch rows per unit of width: fewer rows make more steps of the same tokens
 
     def batch_rows(self, width: int) -> int:
-        """Rows of `context` tokens per optimizer step: grows with width (2k tokens at 24, 16k at 128)."""
-        return int(np.clip(width // 2, 8, 256))
+        """Rows of `context` tokens per optimizer step: grows with width (at 1/2 row per unit, 3k tokens
+        at width 24 and 16k at 128)."""
+        return int(np.clip(round(width * self.rows_per_width), 4, 256))
 
     def warmup_steps(self, total_steps: int) -> int:
         """Linear warmup length: a short fixed fraction of the run."""
@@ -94,7 +96,8 @@ class Family:
 # than 4 times; byte-level tokens carry ~4x less text than BPE tokens, so the byte family gets more per parameter.
 FAMILIES = {
     "llama": Family("llama", "llama", "bpe", 2048, (("brown", 0.18), ("sotu", 0.48), ("code", 0.34))),
-    "gpt2": Family("gpt2", "gpt2", "bytes", 259, (("brown", 0.3), ("sotu", 0.7)), tokens_per_param=50.0),
+    "gpt2": Family("gpt2", "gpt2", "bytes", 259, (("brown", 0.3), ("sotu", 0.7)), tokens_per_param=50.0,
+                   rows_per_width=1 / 6),  # byte models are starved of steps, not tokens: 3x more, smaller steps
     "neox": Family("neox", "gpt_neox", "unigram", 2048, (("brown", 0.25), ("sotu", 0.35), ("code", 0.4))),
 }
 
@@ -820,7 +823,8 @@ def budget_table(names: list[str], device: str = "cpu") -> pd.DataFrame:
 
 def fit_lr_rule(points: dict[int, list[tuple[float, float]]], default_exponent: float) -> dict:
     """Best learning rate per width (parabola in log lr through the grid minimum), and the power rule
-    through the best learning rates of the two extreme widths."""
+    through the best learning rates of the two extreme widths. An exponent outside [0, 2] is clipped, and
+    the rule then passes through the widest width's best rate (the one nearest the sizes that matter most)."""
     best = {}
     for width, runs in sorted(points.items()):
         runs = sorted((lr, loss) for lr, loss in runs if math.isfinite(loss))
@@ -833,13 +837,14 @@ def fit_lr_rule(points: dict[int, list[tuple[float, float]]], default_exponent: 
             x = float(np.clip(-b / (2 * a), lrs[i - 1], lrs[i + 1])) if a > 0 else lrs[i]
         best[width] = {"lr": float(np.exp(x)), "on_grid_edge": edge}
     widths = sorted(best)
+    widest = widths[-1]
     if len(widths) >= 2:
-        wa, wb = widths[0], widths[-1]
-        exponent = float(np.clip(-math.log(best[wb]["lr"] / best[wa]["lr"]) / math.log(wb / wa), 0.0, 2.0))
+        exponent = float(np.clip(-math.log(best[widest]["lr"] / best[widths[0]]["lr"]) / math.log(widest / widths[0]),
+                                 0.0, 2.0))
     else:
-        wa, exponent = widths[0], default_exponent
+        exponent = default_exponent
     return {"best": {str(w): v for w, v in best.items()}, "lr_exponent": exponent,
-            "lr_ref": best[wa]["lr"] * (wa / REFERENCE_WIDTH) ** exponent}
+            "lr_ref": best[widest]["lr"] * (widest / REFERENCE_WIDTH) ** exponent}
 
 
 def sweep(family: str, sizes: list[str], lrs: list[float], device: str = "cpu", progress: bool = True,
@@ -874,3 +879,46 @@ def sweep(family: str, sizes: list[str], lrs: list[float], device: str = "cpu", 
     log(f"[sweep] {family}: lr = {result['rule']['lr_ref']:.3g} x (64/width)^{result['rule']['lr_exponent']:.2f}"
         f" -> {path}")
     return result
+
+
+# ---------------------------------------------------------------- results for the chapters
+
+CARD_FIELDS = ("name", "family", "architecture", "tokenizer", "size", "seed", "width", "depth", "heads",
+               "n_params_total", "n_params_non_embedding", "tokens_seen", "steps", "peak_lr",
+               "final_train_loss_nats", "val_bpb", "wall_time_s", "tokens_per_s", "device")
+
+
+def cards_table(names: Iterable[str], out: Path | None = None) -> pd.DataFrame:
+    """The committed zoo cards of these models, one row each (a missing card is a one-line error)."""
+    rows = []
+    for name in names:
+        card = read_card(parse_name(name.removeprefix("zoo:")).name, out)
+        if card is None:
+            raise UserError(f"{name} has no zoo card; fix: run `{train_command(name.removeprefix('zoo:'))}`")
+        rows.append({k: card[k] for k in CARD_FIELDS})
+    return pd.DataFrame(rows)
+
+
+def training_logs(names: Iterable[str], out: Path | None = None) -> pd.DataFrame:
+    """The training logs (loss curves) of these models, long format with the model's family, size, seed."""
+    frames = []
+    for card in cards_table(names, out).itertuples():
+        log = pd.read_csv(results_dir(out) / "logs" / f"{card.name}.csv")
+        frames.append(log.assign(model=card.name, family=card.family, size=card.size, seed=card.seed))
+    return pd.concat(frames, ignore_index=True)
+
+
+def sweep_tables(families: Iterable[str], out: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The learning-rate sweeps of these families: every run, and each family's fitted rule with the best
+    learning rate per width."""
+    runs, rules = [], []
+    for family in families:
+        path = sweep_path(family, out)
+        if not path.exists():
+            raise UserError(f"no learning-rate sweep for {family} ({path}); fix: run `mcl zoo sweep {family}`")
+        sweep_result = json.loads(path.read_text())
+        runs += [{**r, "family": family} for r in sweep_result["runs"]]
+        rule = sweep_result["rule"]
+        rules += [{"family": family, "width": int(w), "best_lr": b["lr"], "on_grid_edge": b["on_grid_edge"],
+                   "lr_ref": rule["lr_ref"], "lr_exponent": rule["lr_exponent"]} for w, b in rule["best"].items()]
+    return pd.DataFrame(runs), pd.DataFrame(rules)

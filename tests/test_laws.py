@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +138,62 @@ def test_bootstrap_over_models_counts_failures():
     boot = laws.bootstrap_models(refit_models, len(sizes), 40, seed=1)
     assert len(boot.params) + sum(boot.failures.values()) == 40 and len(boot.params) > 30
     assert np.allclose(boot.params["alpha"], 0.4, rtol=1e-4)
+
+
+def _zoo_like(seed: int = 0):
+    """A synthetic loss matrix of two families x five sizes whose bits per byte fall as power laws."""
+    from mcl_utils.store import LossMatrix
+
+    rng = np.random.default_rng(seed)
+    n_samples, sizes = 400, np.logspace(4, 6, 5)
+    n_bytes = rng.integers(300, 1500, n_samples).astype(float)
+    hardness = rng.lognormal(0, 0.3, n_samples)
+    columns, cards = [], []
+    for f, (e, a) in enumerate([(1.0, 30.0), (1.2, 20.0)]):
+        noise = rng.lognormal(0, 0.15, n_samples)
+        for n in sizes:
+            columns.append(LN2 * n_bytes * (e + a * n ** -0.3) * hardness * noise * rng.lognormal(0, 0.02, n_samples))
+            cards.append({"name": f"f{f}-{int(n)}", "family": f"f{f}", "n_params_total": int(n),
+                          "n_params_non_embedding": int(n // 2)})
+    nll = np.column_stack(columns)
+    matrix = LossMatrix(sample_ids=np.arange(n_samples).astype(str), models=[c["name"] for c in cards], nll_nats=nll,
+                        n_bytes=n_bytes.astype(np.int64), n_tokens=np.ones_like(nll, dtype=np.int64),
+                        provenance=[{}] * len(cards))
+    return matrix, pd.DataFrame(cards)
+
+
+def test_family_laws_and_quality_bars():
+    """Each family gets its own law; clean power laws pass every bar, a non-monotone family fails one."""
+    matrix, cards = _zoo_like()
+    results = laws.family_laws(matrix, cards, n_resamples=20)
+    assert set(results) == {"f0", "f1"} and all(r.fit is not None for r in results.values())
+    bars = laws.quality_bars(results)
+    assert bars["monotone"].all() and (bars["r2"] > 0.98).all()
+    swapped = matrix.nll_nats.copy()
+    swapped[:, [1, 2]] = swapped[:, [2, 1]]
+    bars = laws.quality_bars(laws.family_laws(dataclasses.replace(matrix, nll_nats=swapped), cards, n_resamples=5))
+    assert not bars.set_index("family").loc["f0", "monotone"] and not bars.set_index("family").loc["f0", "all_bars"]
+
+
+def test_paired_differences_pair_resamples_and_verdicts():
+    """Single-model and pool laws share resamples; a law compared with itself differs by exactly zero."""
+    matrix, cards = _zoo_like(1)
+    fits = laws.collaboration_laws(matrix, cards, n_resamples=15)
+    assert set(fits) == {"single models (frontier)", "single models (mean)", "pools (frontier)", "pools (mean)"}
+    same = laws.paired_differences(fits["pools (mean)"], fits["pools (mean)"])
+    assert (same[["difference", "lo", "hi"]] == 0).all().all()
+    assert laws.verdict(same, "alpha", +1) == "not resolved"
+    diffs = laws.paired_differences(fits["single models (frontier)"], fits["pools (frontier)"])
+    assert set(diffs["unit"]) == {"evaluation samples", "models"} and (diffs["n_pairs"] > 0).all()
+    made_up = pd.DataFrame({"unit": ["a", "b"], "param": "E", "difference": -1.0, "lo": [-2.0, -3.0], "hi": [-0.5, -0.1]})
+    assert laws.verdict(made_up, "E", -1) == "reproduced" and laws.verdict(made_up, "E", +1) == "contradicted"
+
+
+def test_paired_bpb_difference_of_identical_columns_is_zero():
+    """Comparing pools with themselves gives a zero difference and a zero-width interval."""
+    rng = np.random.default_rng(0)
+    nll, n_bytes = rng.gamma(3.0, 10.0, (50, 4)), rng.integers(10, 100, 50)
+    same = laws.paired_bpb_difference(nll, nll, n_bytes, 30)
+    assert same == {"difference": 0.0, "lo": 0.0, "hi": 0.0, "n_pairs": 4}
+    shifted = laws.paired_bpb_difference(nll, nll + LN2 * n_bytes[:, None], n_bytes, 30)
+    assert shifted["difference"] == pytest.approx(1.0) and shifted["lo"] == pytest.approx(1.0)

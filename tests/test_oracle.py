@@ -120,3 +120,83 @@ def test_per_token_comparison_flips_winners():
                         nll_nats=np.array([[30.0, 25.0], [10.0, 12.0]]), n_bytes=np.array([50, 50]),
                         n_tokens=np.array([[20, 10], [20, 10]]), provenance=[{}, {}])
     assert oracle.per_token_winner_flips(matrix) == 0.5
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 7).flatmap(lambda m: arrays(np.float64, (9, m), elements=st.floats(0.1, 50))),
+       st.integers(0, 2**32 - 1))
+def test_group_means_equal_a_loop_over_pools(nll, seed):
+    """Per-sample mean oracle loss of each group of pools, by half tables, equals a loop over pools."""
+    rng = np.random.default_rng(seed)
+    masks = rng.choice(np.arange(1, 2 ** nll.shape[1]), size=min(20, 2 ** nll.shape[1] - 1), replace=False)
+    groups = rng.integers(0, 3, len(masks))
+    groups[:3] = [0, 1, 2][:len(groups)]  # every group has a pool when there are three or more pools
+    got = oracle.group_mean_minima(nll, masks, groups)
+    for g in range(groups.max() + 1):
+        pools = [[j for j in range(nll.shape[1]) if mask >> j & 1] for mask in masks[groups == g]]
+        np.testing.assert_allclose(got[:, g], np.mean([nll[:, p].min(axis=1) for p in pools], axis=0), rtol=1e-12)
+
+
+def test_budget_minima_by_half_tables_equal_pool_by_pool():
+    """The fast path of budget_minima (up to 20 models) equals the chunked pool-by-pool path."""
+    rng = np.random.default_rng(3)
+    matrix = _matrix(rng.gamma(3.0, 10.0, (40, 6)))
+    table = oracle.pool_table(matrix, _cards([10, 20, 40, 80, 160, 320]))
+    bins = oracle.budget_bins(table)
+    slow = np.column_stack([oracle.pool_minima(matrix, table["pool"][bins == b].tolist()).mean(axis=1)
+                            for b in np.unique(bins)])
+    np.testing.assert_allclose(oracle.budget_minima(matrix, table["pool"], bins), slow, rtol=1e-12)
+
+
+def test_matched_pools_share_size_and_budget():
+    """Each homogeneous pool is matched only with heterogeneous pools of as many models and a close budget."""
+    rng = np.random.default_rng(0)
+    matrix = _matrix(rng.gamma(3.0, 10.0, (20, 6)))
+    cards = _cards([10, 20, 40, 11, 21, 41], ["a", "a", "a", "b", "b", "b"])
+    table = oracle.pool_table(matrix, cards)
+    pairs = oracle.matched_pools(table, tolerance=0.25, per_pool=3)
+    by_pool = table.set_index("pool")
+    assert set(pairs["homogeneous"]) <= set(by_pool.index[(by_pool["kind"] == "homogeneous") & (by_pool["n_models"] > 1)])
+    for row in pairs.itertuples():
+        assert by_pool.loc[row.heterogeneous, "kind"] == "heterogeneous"
+        assert by_pool.loc[row.heterogeneous, "n_models"] == row.n_models
+        assert abs(np.log(row.match_params / row.total_params)) <= np.log(1.25)
+    assert pairs.groupby("homogeneous").size().max() <= 3
+    pools, own, matched = oracle.matched_losses(matrix, pairs)
+    first = pairs[pairs["homogeneous"] == pools[0]]["heterogeneous"]
+    np.testing.assert_allclose(matched[:, 0], oracle.pool_minima(matrix, first.tolist()).mean(axis=1))
+    np.testing.assert_allclose(own[:, 0], oracle.pool_minima(matrix, [pools[0]])[:, 0])
+
+
+def test_pool_diversity_measures_by_hand():
+    """Gain, win entropy, upset share and loss correlation of a two-model pool, computed by hand."""
+    nll = np.array([[1.0, 2.0], [3.0, 1.0], [2.0, 4.0], [5.0, 1.0]])
+    matrix = _matrix(nll, np.array([10, 10, 10, 10]))
+    row = oracle.PoolDiversity(matrix, _cards([1, 2], ["a", "b"]), [(0, 1)]).measures().iloc[0]
+    single = nll.sum(axis=0) / (LN2 * 40)
+    oracle_bpb = nll.min(axis=1).sum() / (LN2 * 40)
+    assert row["oracle_bpb"] == pytest.approx(oracle_bpb) and row["best_single_bpb"] == pytest.approx(single.min())
+    assert row["gain_pct"] == pytest.approx(100 * (single.min() - oracle_bpb) / single.min())
+    assert row["win_entropy_bits"] == pytest.approx(1.0) and row["upset_share"] == pytest.approx(0.5)
+    assert row["loss_correlation"] == pytest.approx(np.corrcoef(nll.T)[0, 1])
+    assert row["n_families"] == 2 and row["kind"] == "heterogeneous"
+    weighted = oracle.PoolDiversity(matrix, _cards([1, 2], ["a", "b"]), [(0, 1)]).measures(np.array([2, 0, 1, 1.0]))
+    repeated = oracle.PoolDiversity(_matrix(nll[[0, 0, 2, 3]], np.full(4, 10)), _cards([1, 2], ["a", "b"]), [(0, 1)])
+    np.testing.assert_allclose(weighted.drop(columns=["pool", "kind"]).to_numpy(float),
+                               repeated.measures().drop(columns=["pool", "kind"]).to_numpy(float))
+
+
+def test_rank_correlations_equal_scipy():
+    """Spearman over all pools and the size-weighted mean of Spearman within sizes, as scipy computes them."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(2)
+    table = pd.DataFrame({"n_models": rng.integers(1, 5, 300), "gain_pct": rng.normal(size=300)})
+    for m in oracle.DIVERSITY_MEASURES:
+        table[m] = table["gain_pct"] * rng.uniform() + rng.normal(size=300)
+    got = oracle.rank_correlations(table)
+    multi = table[table["n_models"] >= 2]
+    for m in oracle.DIVERSITY_MEASURES:
+        within = [(spearmanr(g[m], g["gain_pct"]).statistic, len(g)) for _, g in multi.groupby("n_models")]
+        assert got[m]["all_sizes"] == pytest.approx(spearmanr(multi[m], multi["gain_pct"]).statistic)
+        assert got[m]["within_size"] == pytest.approx(np.average([r for r, _ in within], weights=[n for _, n in within]))

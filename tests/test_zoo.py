@@ -186,6 +186,8 @@ def test_fit_lr_rule_finds_the_minimum_of_each_width_and_the_power_between_them(
     assert rule["lr_ref"] == pytest.approx(2e-3, rel=0.05)
     edge = zoo.fit_lr_rule({16: [(1e-3, 3.0), (2e-3, 2.0)]}, default_exponent=0.5)
     assert edge["best"]["16"]["on_grid_edge"] and edge["lr_exponent"] == 0.5
+    rising = zoo.fit_lr_rule({16: runs(2e-3), 64: runs(8e-3)}, default_exponent=0.5)  # wider wants more
+    assert rising["lr_exponent"] == 0.0 and rising["lr_ref"] == pytest.approx(8e-3, rel=0.05)
 
 
 def test_experiment_zoo_section_expands_to_models(tiny):
