@@ -4,6 +4,7 @@ trains and tunes the model zoo."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -89,7 +90,8 @@ def _zoo_train(args: argparse.Namespace) -> None:
         print(budget_table(names, _device_kind(args.device)).to_string(index=False))
         return
     ensure_trained([f"zoo:{n}" for n in names], device=args.device, force=args.force,
-                   progress=not args.no_progress, out=args.out and Path(args.out), threads=args.threads)
+                   progress=not args.no_progress, out=args.out and Path(args.out), threads=args.threads,
+                   jobs=args.jobs)
     print(f"{len(names)} zoo models ready; cards in {card_path(names[0], args.out and Path(args.out)).parent}")
 
 
@@ -146,6 +148,9 @@ def _add_zoo_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--force", action="store_true", help="retrain from scratch even when a current card exists")
     train.add_argument("--threads", type=int, default=None,
                        help="CPU threads per model (default: torch's; 1 is fastest for tiny models on a busy machine)")
+    train.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                       help="on a CPU, models trained at once in separate processes, one thread each unless "
+                       "--threads says otherwise (default: the number of CPU cores)")
     sweep = zsub.add_parser("sweep", help="learning-rate sweep of one family at a few sizes",
                             description="Train FAMILY at each size and peak learning rate; write "
                             "results/zoo/sweeps/FAMILY.json with validation bits per byte and the fitted rule "

@@ -583,24 +583,39 @@ def fit_points(name: str, points: pd.DataFrame, nll_nats: np.ndarray, n_bytes: n
 
 class BudgetPoints:
     """Budget points (each log-spaced budget bin's frontier and mean) of the pools, or of the single models,
-    of any subset of a matrix's models: computed once per subset, so bootstraps of several laws share them."""
+    of any subset of a matrix's models: computed once per subset, so bootstraps of several laws share them.
+    `table` is the full pool table when the caller has it already."""
 
-    def __init__(self, matrix: LossMatrix, cards: pd.DataFrame, singles: bool = False):
+    def __init__(self, matrix: LossMatrix, cards: pd.DataFrame, singles: bool = False,
+                 table: pd.DataFrame | None = None):
         self.matrix, self.cards, self.singles = matrix, cards, singles
+        self._table = table
         self._cache: dict[tuple[int, ...] | None, dict[str, pd.DataFrame]] = {}
 
-    def table(self, models: Sequence[int] | None = None) -> pd.DataFrame:
-        """The pool table (or the single models' rows) of all models, or of a subset of them."""
-        matrix, cards = self.matrix, self.cards
-        if models is not None:
-            matrix, cards = matrix.subset(models), cards.iloc[list(models)].reset_index(drop=True)
-        return oracle.single_table(matrix, cards) if self.singles else oracle.pool_table(matrix, cards)
+    def table(self) -> pd.DataFrame:
+        """The pool table (or the single models' rows) of all the models."""
+        if self._table is None:
+            make = oracle.single_table if self.singles else oracle.pool_table
+            self._table = make(self.matrix, self.cards)
+        return self._table
+
+    def _draw_table(self, models: list[int]) -> pd.DataFrame:
+        """Budget and oracle bits per byte of every pool (or single model) of a subset of the models; pools
+        are named by bit mask, and enumerated exactly, without the full table's descriptions."""
+        nll, n_params = self.matrix.nll_nats[:, models], self.cards["n_params_total"].to_numpy()[models]
+        total_bytes = LN2 * self.matrix.n_bytes.sum()
+        if self.singles:
+            return pd.DataFrame({"pool": models, "total_params": n_params, "oracle_bpb": nll.sum(axis=0) / total_bytes})
+        if len(models) > oracle.MAX_EXACT_MODELS:
+            return oracle.pool_table(self.matrix.subset(models), self.cards.iloc[models].reset_index(drop=True))
+        return pd.DataFrame({"pool": np.arange(1, 1 << len(models)), "total_params": oracle.all_pool_budgets(n_params),
+                             "oracle_bpb": oracle.all_pool_nll_sums(nll) / total_bytes})
 
     def points(self, stat: str, models: Sequence[int] | None = None) -> pd.DataFrame:
         """Budget points (x = total parameters, bpb) at each bin's frontier or mean."""
         key = None if models is None else tuple(int(j) for j in models)
         if key not in self._cache:
-            table = self.table(key)
+            table = self.table() if key is None else self._draw_table(list(key))
             self._cache[key] = {s: oracle.budget_points(table, s).rename(columns={"params": "x"})
                                 for s in ("frontier", "mean")}
         return self._cache[key][stat]
@@ -630,13 +645,14 @@ def experiment_laws(matrix: LossMatrix, cards: pd.DataFrame, n_resamples: int, s
     return results
 
 
-def collaboration_laws(matrix: LossMatrix, cards: pd.DataFrame, n_resamples: int, seed: int = 0
-                       ) -> dict[str, LawResult]:
+def collaboration_laws(matrix: LossMatrix, cards: pd.DataFrame, n_resamples: int, seed: int = 0,
+                       pools: pd.DataFrame | None = None) -> dict[str, LawResult]:
     """Single-model and pool laws in total parameters, each at the budget bins' frontier and mean, with
-    bootstraps over samples and over models that share their draws (so that differences pair up)."""
+    bootstraps over samples and over models that share their draws (so that differences pair up).
+    `pools` is the matrix's pool table, if computed already."""
     out = {}
     for singles, label in ((True, "single models"), (False, "pools")):
-        points = BudgetPoints(matrix, cards, singles)
+        points = BudgetPoints(matrix, cards, singles, None if singles else pools)
         for stat in ("frontier", "mean"):
             out[f"{label} ({stat})"] = points.law(f"{label} ({stat} per budget)", stat, n_resamples, seed)
     return out

@@ -75,6 +75,15 @@ def all_pool_nll_sums(nll_nats: np.ndarray, threads: int | None = None) -> np.nd
     return sums.reshape(-1)[1:]
 
 
+def all_pool_budgets(n_params: Sequence[int]) -> np.ndarray:
+    """Summed parameters of every pool, indexed by bit mask minus one (as all_pool_nll_sums)."""
+    n_params = np.asarray(n_params, dtype=np.int64)
+    out = np.zeros(1 << len(n_params), dtype=np.int64)
+    for j, n in enumerate(n_params):
+        out[1 << j:2 << j] = out[:1 << j] + n
+    return out[1:]
+
+
 def sample_pools(n_models: int, per_size: int, seed: int = 0) -> list[tuple[int, ...]]:
     """A seeded sample of pools stratified by size: every pool of a size with at most `per_size` pools,
     else `per_size` distinct pools of that size drawn uniformly."""

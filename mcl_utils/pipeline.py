@@ -355,7 +355,7 @@ def run(exp: Experiment, force: bool = False, log=print, ray: str | None = None)
 
     With `ray` (a cluster address, or 'local' for an instance on this machine), the models are scored
     in parallel as Ray tasks (mcl_utils.cluster) instead of one notebook after another."""
-    zoo.ensure_trained(exp.models, device=exp.scoring.device, force=force, log=log)
+    zoo.ensure_trained(exp.models, device=exp.scoring.device, force=force, log=log, jobs=os.cpu_count() or 1)
     corpus = experiment_corpus(exp)
     params = notebook_parameters(exp)
     if ray is None:

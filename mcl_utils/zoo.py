@@ -762,8 +762,11 @@ def resolve_targets(targets: list[str]) -> list[str]:
 
 def ensure_trained(specs: Iterable[str], device: str = "auto", force: bool = False,
                    log: Callable[[str], None] = print, progress: bool = True, out: Path | None = None,
-                   threads: int | None = None) -> None:
-    """Train every zoo spec whose card is missing or stale (the pipeline's training stage); --force retrains."""
+                   threads: int | None = None, jobs: int = 1) -> None:
+    """Train every zoo spec whose card is missing or stale (the pipeline's training stage); --force retrains.
+
+    On a CPU, `jobs` > 1 trains that many models at once in separate processes, one thread each unless
+    `threads` says otherwise, the longest first (tiny models use cores better side by side than together)."""
     from mcl_utils.models import resolve_device
 
     names = [s.removeprefix("zoo:") for s in specs if s.startswith("zoo:")]
@@ -776,11 +779,32 @@ def ensure_trained(specs: Iterable[str], device: str = "auto", force: bool = Fal
     dev = resolve_device(device)
     log(f"[zoo] budget estimate (DESIGN section 7 throughput on {dev.type}):")
     log(budget_table(todo, dev.type).to_string(index=False))
-    for name in todo:
-        if force:
+    if force:
+        for name in todo:
             model = parse_name(name)
             shutil.rmtree(checkpoint_dir(model, recipe(model)), ignore_errors=True)
+    if jobs > 1 and dev.type == "cpu" and len(todo) > 1:
+        _train_in_parallel(todo, jobs, out, threads or 1, log)
+        return
+    for name in todo:
         train(name, device=str(dev), progress=progress, log=log, out=out, threads=threads)
+
+
+def _train_in_parallel(names: list[str], jobs: int, out: Path | None, threads: int,
+                       log: Callable[[str], None]) -> None:
+    """Train models on the CPU in `jobs` worker processes, the longest first; the first failure stops all."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    longest_first = budget_table(names).iloc[:-1].sort_values("est_s", ascending=False)["model"].tolist()
+    log(f"[zoo] training {len(names)} models, {jobs} at a time ({threads} thread each)")
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(train, name, device="cpu", progress=False, out=out, threads=threads): name
+                   for name in longest_first}
+        for done in as_completed(futures):
+            card = done.result()
+            log(f"[zoo] {futures[done]}: trained in {card['wall_time_s']:.0f} s, validation "
+                f"{card['val_bpb']:.3f} bits/byte")
 
 
 # ---------------------------------------------------------------- budget and sweep

@@ -197,3 +197,19 @@ def test_paired_bpb_difference_of_identical_columns_is_zero():
     assert same == {"difference": 0.0, "lo": 0.0, "hi": 0.0, "n_pairs": 4}
     shifted = laws.paired_bpb_difference(nll, nll + LN2 * n_bytes[:, None], n_bytes, 30)
     assert shifted["difference"] == pytest.approx(1.0) and shifted["lo"] == pytest.approx(1.0)
+
+
+def test_budget_points_of_a_model_draw_equal_those_of_its_pool_table():
+    """A bootstrap draw's budget points, from bare sums over bit masks, equal the full pool table's."""
+    from mcl_utils import oracle
+
+    matrix, cards = _zoo_like(2)
+    draw = [0, 3, 4, 7, 9]
+    table = oracle.pool_table(matrix.subset(draw), cards.iloc[draw].reset_index(drop=True))
+    for singles in (False, True):
+        points = laws.BudgetPoints(matrix, cards, singles)
+        expected = table[table["n_models"] == 1] if singles else table
+        for stat in ("frontier", "mean"):
+            got, want = points.points(stat, draw), oracle.budget_points(expected, stat)
+            np.testing.assert_allclose(got[["x", "bpb"]].to_numpy(float), want[["params", "bpb"]].to_numpy(float),
+                                       rtol=1e-12)

@@ -204,3 +204,19 @@ def test_experiment_zoo_section_expands_to_models(tiny):
     path.write_text(json.dumps({**spec, "models": ["zoo:tinyllama-s0"]}))
     with pytest.raises(UserError, match="listed twice"):
         load_experiment(path)
+
+
+def test_parallel_training_gives_the_weights_of_serial_training(tiny, monkeypatch):
+    """Two models trained side by side in worker processes (one thread each) end with the same weights as
+    when trained one after the other."""
+    import multiprocessing
+
+    specs = ["zoo:tinyllama-s0", "zoo:tinygpt2-s0"]
+    fork = multiprocessing.get_context("fork")  # the workers inherit the tiny zoo installed in this process
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: fork)
+    lines: list[str] = []
+    zoo.ensure_trained(specs, device="cpu", progress=False, log=lines.append, jobs=2, threads=1)
+    assert sum("trained in" in line for line in lines) == 2
+    parallel = {s: zoo.read_card(s.removeprefix("zoo:"))["weights_sha256"] for s in specs}
+    zoo.ensure_trained(specs, device="cpu", progress=False, log=lambda _: None, force=True, threads=1)
+    assert {s: zoo.read_card(s.removeprefix("zoo:"))["weights_sha256"] for s in specs} == parallel
