@@ -27,7 +27,7 @@ import yaml
 from mcl_utils.corpus import DOMAINS, REPO_ROOT, table_fingerprint, training_documents
 from mcl_utils.errors import UserError
 from mcl_utils.models import cache_root, count_parameters, sha256_file
-from mcl_utils.store import atomic_path, canonical_json, strict_json
+from mcl_utils.store import atomic_path, canonical_json, file_lock, strict_json
 
 # Bump when a change to this module can change trained weights: every zoo card then needs retraining.
 TRAINER_VERSION = "1"
@@ -524,6 +524,14 @@ def train(name: str, device: str = "cpu", out: Path | None = None, lr: float | N
         torch.set_num_threads(threads)
     rec = recipe(model, lr)
     run_dir = checkpoint_dir(model, rec)
+    with file_lock(run_dir):  # a second process training the same run waits, then finds it trained
+        return _train_locked(model, rec, run_dir, dev, out, checkpoint_every, progress, stop_after, write, log)
+
+
+def _train_locked(model: ZooModel, rec: dict, run_dir: Path, dev: torch.device, out: Path | None,
+                  checkpoint_every: int, progress: bool, stop_after: int | None, write: bool,
+                  log: Callable[[str], None]) -> dict:
+    """train() under the run's lock: finish from the final weights, or (re)start the loop from a checkpoint."""
     tokenizer = _load_tokenizer(family_tokenizer(model.family))
     net = build_model(model, tokenizer).to(dev)
     if (run_dir / "final" / TRAIN_STATE).exists():  # trained before: only the card is missing
