@@ -425,6 +425,20 @@ def provenance_report(paths: dict[str, Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def training_report(exp: Experiment) -> pd.DataFrame:
+    """Provenance of each zoo model of the experiment, from its committed card (empty if it has none)."""
+    rows = []
+    for spec in exp.models:
+        card = zoo.read_card(spec.removeprefix("zoo:")) if spec.startswith("zoo:") else None
+        if card is not None:
+            rows.append({"model": spec, "card": f"results/zoo/{card['name']}.json", "device": card["device"],
+                         "precision": card["precision"], "tokens": card["tokens_seen"],
+                         "wall s": round(card["wall_time_s"]), "tokens/s": round(card["tokens_per_s"] or 0),
+                         "recipe hash": card["recipe_hash"][:16], "weights sha256": card["weights_sha256"][:16],
+                         "trained": card["created_utc"]})
+    return pd.DataFrame(rows)
+
+
 def experiment_summary(exp: Experiment) -> dict:
     """The experiment as plain data, for provenance JSON."""
     return {"name": exp.name, "file": exp.path.name, "models": list(exp.models),
