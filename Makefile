@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXPERIMENT ?= experiments/offline-llms.yaml
+EXPERIMENTS ?= experiments/offline-llms.yaml experiments/zoo.yaml
 
 .PHONY: setup lock browser test book clean
 
@@ -32,10 +32,10 @@ browser:
 test: setup browser
 	$(BIN)/python -m pytest
 
-# Runs the default experiment (scores only models whose loss tables are not committed; FORCE=1
-# recomputes everything), then builds the book strictly into _build/html.
+# Runs the book's experiments (trains and scores only what is not committed; FORCE=1 retrains,
+# rescores and recomputes everything), then builds the book strictly into _build/html.
 book: setup
-	$(BIN)/mcl run $(EXPERIMENT) $(if $(FORCE),--force)
+	for e in $(EXPERIMENTS); do $(BIN)/mcl run $$e $(if $(FORCE),--force) || exit 1; done
 	$(BIN)/jupyter-book build . -W -n --keep-going
 	@echo "The book is at $(CURDIR)/_build/html/index.html"
 

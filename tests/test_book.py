@@ -27,10 +27,11 @@ ERROR_MARKERS = ["Javascript Error", "Error loading script", "Traceback (most re
 @pytest.fixture(scope="module")
 def built_book(tmp_path_factory) -> Path:
     """Run the default experiment from committed results and build the book strictly."""
-    run = subprocess.run([BIN / "mcl", "run", "experiments/offline-llms.yaml"], cwd=REPO, capture_output=True,
-                         text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "scored" not in run.stdout, "committed results must make scoring unnecessary:\n" + run.stdout
+    for experiment in ("experiments/offline-llms.yaml", "experiments/zoo.yaml"):
+        run = subprocess.run([BIN / "mcl", "run", experiment], cwd=REPO, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "scored" not in run.stdout and "trained in" not in run.stdout, \
+            "committed results must make training and scoring unnecessary:\n" + run.stdout
     out = tmp_path_factory.mktemp("book")
     build = subprocess.run([BIN / "jupyter-book", "build", ".", "-W", "-n", "--keep-going", "--path-output",
                             str(out)], cwd=REPO, capture_output=True, text=True)
@@ -51,7 +52,9 @@ def test_book_has_every_chapter(built_book):
     for page in ("index.html", "book/intro.html", "book/measuring.html", "book/coming.html", "book/data.html",
                  "book/architecture.html", "book/api.html", "book/glossary.html", "book/references.html",
                  "book/generated/offline-llms/oracle.html", "book/generated/offline-llms/laws.html",
-                 "book/generated/offline-llms/status.html"):
+                 "book/generated/offline-llms/status.html", "book/generated/zoo-laws/scaling.html",
+                 "book/generated/zoo-laws/collaboration.html", "book/generated/zoo-laws/diversity.html",
+                 "book/generated/zoo-laws/status.html"):
         assert page in names
     oracle = (built_book / "book/generated/offline-llms/oracle.html").read_text()
     assert re.search(r"reaches\s*<span[^>]*>\s*1\.\d{4}", oracle), "glued bits per byte missing"
@@ -62,6 +65,9 @@ def test_book_has_every_chapter(built_book):
     assert re.search(r"on the exponents|Chinchilla.s own training runs", fitting)
     assert re.search(r"this book.s fitter gives\s*<span[^>]*>.*?</span>\s*<span[^>]*>1\.\d{3}</span>", fitting), \
         "glued fit of Chinchilla's runs missing"
+    collaboration = (built_book / "book/generated/zoo-laws/collaboration.html").read_text()
+    assert re.search(r"reaches\s*<span[^>]*>\s*\d\.\d{4}", collaboration), "glued zoo bits per byte missing"
+    assert len(re.findall(r"reproduced|contradicted|not resolved", collaboration)) >= 4, "verdicts missing"
 
 
 def public_members(module_name: str) -> list[str]:
