@@ -49,18 +49,24 @@ def _subset_minima(columns: np.ndarray) -> np.ndarray:
     return out
 
 
+def _half_tables(nll_nats: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """The number of models in the low half, and the per-sample minima of every subset of each half
+    (rows indexed by the subset's bit mask within its half)."""
+    n_models = nll_nats.shape[1]
+    if n_models > MAX_EXACT_MODELS:
+        raise ValueError(f"{n_models} models make 2^{n_models} pools; use sample_pools instead")
+    half = (n_models + 1) // 2
+    columns = np.ascontiguousarray(nll_nats.T, dtype=np.float64)
+    return half, _subset_minima(columns[:half]), _subset_minima(columns[half:])
+
+
 def all_pool_nll_sums(nll_nats: np.ndarray, threads: int | None = None) -> np.ndarray:
     """Summed oracle loss of every pool, indexed by bit mask minus one: exact, 2^n - 1 values.
 
     The models are split in two halves; the per-sample minima of every subset of each half are built by
     doubling (2^(n/2) rows each), and each pool is the minimum of one row from each half, summed over
     samples. Work is n_samples x 2^n elementwise minima, spread over threads; memory is 2 x 2^(n/2) rows."""
-    n_samples, n_models = nll_nats.shape
-    if n_models > MAX_EXACT_MODELS:
-        raise ValueError(f"{n_models} models make 2^{n_models} pools; use sample_pools instead")
-    half = (n_models + 1) // 2
-    columns = np.ascontiguousarray(nll_nats.T, dtype=np.float64)
-    low, high = _subset_minima(columns[:half]), _subset_minima(columns[half:])
+    _, low, high = _half_tables(nll_nats)
     sums = np.empty((len(high), len(low)))
 
     def work(rows: np.ndarray) -> None:
@@ -185,16 +191,11 @@ def group_mean_minima(nll_nats: np.ndarray, masks: np.ndarray, groups: np.ndarra
 
     As in all_pool_nll_sums, each pool is the minimum of one subset-minimum row from each half of the
     models; pools sharing a high half are taken together, sorted by group, and summed segment by segment."""
-    n_samples, n_models = nll_nats.shape
-    if n_models > MAX_EXACT_MODELS:
-        raise ValueError(f"{n_models} models: the half tables would hold 2^{(n_models + 1) // 2} rows each")
-    half = (n_models + 1) // 2
-    columns = np.ascontiguousarray(nll_nats.T, dtype=np.float64)
-    low, high = _subset_minima(columns[:half]), _subset_minima(columns[half:])
+    half, low, high = _half_tables(nll_nats)
     masks, groups = np.asarray(masks, dtype=np.int64), np.asarray(groups, dtype=np.int64)
     order = np.lexsort((groups, masks >> half))  # by high half, then by group
     hi, lo, grp = masks[order] >> half, masks[order] & ((1 << half) - 1), groups[order]
-    sums = np.zeros((groups.max() + 1, n_samples))
+    sums = np.zeros((groups.max() + 1, nll_nats.shape[0]))
     for h, start, stop in _runs(hi):
         starts = start + _run_starts(grp[start:stop])
         sums[grp[starts]] += np.add.reduceat(np.minimum(low[lo[start:stop]], high[h]), starts - start, axis=0)
