@@ -3,7 +3,6 @@ confidence intervals over evaluation samples and over models, held-out extrapola
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
