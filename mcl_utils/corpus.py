@@ -236,9 +236,15 @@ class CorpusSpec:
     min_words: int | None = None  # None: BROWN_MIN_WORDS for brown, 0 for other sources
     seed: int = 0
     stratify: str | None = "genre"
+    prefix_fraction: float | None = None  # score only each sample's head: its first fraction of bytes
 
     def __post_init__(self) -> None:
         """Refuse settings of the wrong type or sign here, with the fix, before anything is read."""
+        fraction = self.prefix_fraction
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                     or not 0 < fraction < 1):
+            raise UserError(f"corpus prefix_fraction must be a number between 0 and 1, got {fraction!r}; "
+                            "fix: e.g. 0.5 for the first half of each sample, or leave it out")
         for name in ("source", "split", "text_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise UserError(f"corpus {name} must be a non-empty string, got {getattr(self, name)!r}; "
@@ -270,15 +276,18 @@ class Corpus:
 
     name: str
     spec: CorpusSpec
-    samples: pd.DataFrame  # columns: sample_id, text, and whatever metadata the source has
+    samples: pd.DataFrame  # columns: sample_id, text, and whatever metadata the source has (full_text: heads)
     dropped: dict[str, int] = field(default_factory=dict)  # samples left out, by reason (reported, not keyed)
 
     @property
     def fingerprint(self) -> str:
-        """sha256 over the (sample_id, text) pairs in order: two corpora with equal samples match."""
+        """sha256 over the (sample_id, text) pairs in order: two corpora with equal samples match.
+        A corpus of heads also hashes each full text (its scoring depends on it)."""
         h = hashlib.sha256()
-        for sid, text in zip(self.samples["sample_id"], self.samples["text"]):
-            h.update(json.dumps([sid, text], ensure_ascii=False).encode("utf-8"))
+        full = self.samples["full_text"] if "full_text" in self.samples else [None] * len(self.samples)
+        for sid, text, whole in zip(self.samples["sample_id"], self.samples["text"], full):
+            h.update(json.dumps([sid, text] if whole is None else [sid, text, whole], ensure_ascii=False)
+                     .encode("utf-8"))
             h.update(b"\n")
         return h.hexdigest()
 
@@ -391,5 +400,20 @@ def load_corpus(spec: CorpusSpec = CorpusSpec()) -> Corpus:
         by = spec.stratify if spec.stratify in df.columns else None
         df = stratified_sample(df.reset_index(drop=True), spec.n_samples, by, spec.seed)
     columns = ["sample_id", "text"] + [c for c in df.columns if c not in ("sample_id", "text")]
-    return Corpus(name=name, spec=spec, samples=df[columns].reset_index(drop=True),
-                  dropped={reason: n for reason, n in dropped.items() if n})
+    samples = df[columns].reset_index(drop=True)
+    if spec.prefix_fraction is not None:
+        name = f"{name} (first {spec.prefix_fraction:g} of each sample)"
+        samples = samples.assign(full_text=samples["text"],
+                                 text=[head_text(t, spec.prefix_fraction) for t in samples["text"]])
+    return Corpus(name=name, spec=spec, samples=samples, dropped={reason: n for reason, n in dropped.items() if n})
+
+
+def head_text(text: str, fraction: float) -> str:
+    """The first `fraction` of a text's UTF-8 bytes, cut just before the last space at or before that
+    point (so that tokenizers which start words with their space cut there too); at least one word."""
+    cut = int(len(text.encode("utf-8")) * fraction)
+    head = text.encode("utf-8")[:cut].decode("utf-8", errors="ignore")
+    space = head.rstrip(" ").rfind(" ")
+    if space <= 0:
+        space = text.find(" ", 1)
+    return text[:space] if space > 0 else text

@@ -13,6 +13,7 @@ import platform
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ NOTEBOOKS = REPO_ROOT / "notebooks"
 GENERATED = REPO_ROOT / "book" / "generated"
 RESULTS = REPO_ROOT / "results"
 HIDDEN_TAGS = {"parameters", "injected-parameters"}
-ANALYSES = ("oracle", "laws", "gpus", "scaling", "collaboration", "diversity")
+ANALYSES = ("oracle", "laws", "gpus", "scaling", "collaboration", "diversity", "realizable")
 DEFAULT_ANALYSES = ("oracle", "laws")
 # Files each analysis notebook reads besides the loss tables and the corpus (glob patterns under the
 # repository), and the results it writes under the experiment's results folder. The stage's cache key
@@ -46,9 +47,10 @@ STAGE_INPUTS = {"oracle": (), "laws": ("data/published/*.csv",),
                 "gpus": ("results/benchmarks/*.json", "experiments/paper-scale.yaml"),
                 "scaling": (*ZOO_CARDS, "results/zoo/sweeps/*.json", "experiments/offline-llms.yaml",
                             "results/losses/*.parquet"),
-                "collaboration": ZOO_CARDS, "diversity": ZOO_CARDS}
+                "collaboration": ZOO_CARDS, "diversity": ZOO_CARDS, "realizable": ZOO_CARDS}
 STAGE_OUTPUTS = {"oracle": ("oracle.parquet", "oracle.json"), "laws": ("fits.json",), "scaling": ("scaling.json",),
-                 "collaboration": ("collaboration.json",), "diversity": ("diversity.json",)}
+                 "collaboration": ("collaboration.json",), "diversity": ("diversity.json",),
+                 "realizable": ("realizable.json",)}
 LIBRARY_VERSIONS = ("torch", "transformers", "numpy", "pandas", "scipy", "altair", "papermill", "jupyter-book",
                     "myst-nb", "sphinx")
 
@@ -65,6 +67,7 @@ class Experiment:
     scoring: ScoringSettings = ScoringSettings()
     analyses: tuple[str, ...] = DEFAULT_ANALYSES
     bootstrap_resamples: int = 1000
+    prefix_fraction: float | None = None  # also score each sample's head (the honest oracle, prefix routers)
     results_dir: Path = RESULTS
     generated_dir: Path = GENERATED
 
@@ -136,7 +139,8 @@ def load_experiment(path: str | Path, results_dir: Path = RESULTS, generated_dir
         raise UserError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}); fix: check its syntax") from exc
     if not isinstance(raw, dict):
         raise UserError(f"{path} must be a YAML mapping; fix: start from experiments/offline-llms.yaml")
-    allowed = {"name", "description", "corpus", "models", "zoo", "scoring", "analyses", "bootstrap_resamples"}
+    allowed = {"name", "description", "corpus", "models", "zoo", "scoring", "analyses", "bootstrap_resamples",
+               "prefix_fraction"}
     if set(raw) - allowed:
         raise UserError(f"{path}: unknown key(s) {sorted(set(raw) - allowed)}; fix: use only {sorted(allowed)}")
     name = raw.get("name")
@@ -165,15 +169,34 @@ def load_experiment(path: str | Path, results_dir: Path = RESULTS, generated_dir
     if not isinstance(resamples, int) or isinstance(resamples, bool) or resamples < 1:
         raise UserError(f"{path}: 'bootstrap_resamples' must be a positive integer; fix: e.g. 1000")
     corpus = _corpus_relative_to(path.parent, _section(raw, "corpus", CorpusSpec, path))
+    try:
+        dataclasses.replace(corpus, prefix_fraction=raw.get("prefix_fraction"))
+    except UserError as exc:
+        raise UserError(f"{path}: {str(exc).removeprefix('corpus ')}") from None
+    if "realizable" in analyses and raw.get("prefix_fraction") is None:
+        raise UserError(f"{path}: the realizable analysis needs each sample's head scored; fix: add "
+                        "prefix_fraction: 0.5")
     return Experiment(name=name, path=path.resolve(), description=raw.get("description", ""),
                       corpus=corpus, models=tuple(names), scoring=scoring, analyses=tuple(analyses),
-                      bootstrap_resamples=resamples,
+                      bootstrap_resamples=resamples, prefix_fraction=raw.get("prefix_fraction"),
                       results_dir=Path(results_dir), generated_dir=Path(generated_dir))
 
 
 def experiment_corpus(exp: Experiment) -> Corpus:
     """The experiment's evaluation samples."""
     return load_corpus(exp.corpus)
+
+
+def prefix_corpus(exp: Experiment) -> Corpus:
+    """The heads of the experiment's samples (their first prefix_fraction of bytes), scored in context."""
+    if exp.prefix_fraction is None:
+        raise UserError(f"{exp.path} scores no sample heads; fix: add prefix_fraction: 0.5 to it")
+    return load_corpus(dataclasses.replace(exp.corpus, prefix_fraction=exp.prefix_fraction))
+
+
+def experiment_corpora(exp: Experiment) -> dict[str, Corpus]:
+    """Every corpus the experiment scores: its samples ("full") and, with prefix_fraction, their heads."""
+    return {"full": experiment_corpus(exp), **({"prefix": prefix_corpus(exp)} if exp.prefix_fraction else {})}
 
 
 def loss_table_paths(exp: Experiment, corpus: Corpus | None = None) -> dict[str, Path]:
@@ -192,6 +215,15 @@ def experiment_matrix(exp: Experiment) -> tuple[LossMatrix, pd.DataFrame, pd.Dat
     matrix = load_matrix(list(paths.values()))
     samples = corpus.samples.set_index("sample_id").loc[matrix.sample_ids].reset_index()
     return matrix, samples, model_cards(matrix)
+
+
+def prefix_matrix(exp: Experiment) -> LossMatrix:
+    """The loss matrix of the experiment's sample heads (prefix_fraction), in the models' order."""
+    paths = loss_table_paths(exp, prefix_corpus(exp))
+    missing = [m for m, p in paths.items() if not p.exists()]
+    if missing:
+        raise UserError(f"no loss table of the sample heads for {missing}; fix: run `mcl run {exp.path}`")
+    return load_matrix(list(paths.values()))
 
 
 # ---------------------------------------------------------------- executing notebooks
@@ -224,12 +256,13 @@ def _hide_parameter_cells(path: Path, key: str | None, outputs: tuple[Path, ...]
 
 
 class LocalKernelManager(AsyncKernelManager):
-    """Kernels reached over IPC sockets in a private directory of this process, never over TCP."""
+    """Kernels reached over IPC sockets in a private directory of this process, never over TCP; each kernel
+    has a folder of its own, so kernels started side by side never pick the same socket names."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.transport = "ipc"
-        self.ip = str(_socket_dir() / "kernel")
+        self.ip = str(Path(tempfile.mkdtemp(dir=_socket_dir())) / "kernel")
 
 
 @functools.cache
@@ -274,6 +307,9 @@ def execute(notebook: Path, output: Path, parameters: dict, key: str | None = No
         os.replace(tmp, failed)
         raise UserError(f"notebook {notebook.name} failed in cell {exc.exec_count} ({exc.ename}: "
                         f"{str(exc.evalue).splitlines()[0][:300]}); fix: see {failed}") from None
+    except BaseException:  # the kernel died or the run was interrupted: leave nothing half-written
+        tmp.unlink(missing_ok=True)
+        raise
     try:
         _hide_parameter_cells(tmp, key, outputs)
     except UserError:
@@ -333,18 +369,23 @@ def notebook_parameters(exp: Experiment) -> dict:
     return {"experiment": str(exp.path), "results_dir": str(exp.results_dir)}
 
 
-def score_in_notebooks(exp: Experiment, corpus: Corpus, force: bool = False, log=print) -> dict[str, Path]:
-    """Score each model not cached by executing notebooks/score.ipynb, one model after another."""
+def score_in_notebooks(exp: Experiment, corpus: Corpus, force: bool = False, log=print, part: str = "full"
+                       ) -> dict[str, Path]:
+    """Score each model not cached by executing notebooks/score.ipynb, one model after another; part
+    "prefix" scores the samples' heads."""
     params = notebook_parameters(exp)
     tables = {}
     for spec in exp.models:
         tgt = target(spec, corpus, exp.losses_dir, exp.scoring)
+        label = spec if part == "full" else f"{spec} ({part})"
         if tgt.cached and not force:
-            log(f"[score]  {spec}: cached ({tgt.path.name})")
+            log(f"[score]  {label}: cached ({tgt.path.name})")
         else:
-            output = exp.book_dir / f"score-{slug(parse_spec(spec).short_name)}.ipynb"
-            seconds = execute(NOTEBOOKS / "score.ipynb", output, {**params, "model": spec, "force": force})
-            log(f"[score]  {spec}: scored in {seconds:.0f} s")
+            suffix = "" if part == "full" else f"-{part}"
+            output = exp.book_dir / f"score-{slug(parse_spec(spec).short_name)}{suffix}.ipynb"
+            seconds = execute(NOTEBOOKS / "score.ipynb", output,
+                              {**params, "model": spec, "force": force, "prefix": part == "prefix"})
+            log(f"[score]  {label}: scored in {seconds:.0f} s")
         tables[spec] = tgt.path
     return tables
 
@@ -356,30 +397,46 @@ def run(exp: Experiment, force: bool = False, log=print, ray: str | None = None)
     With `ray` (a cluster address, or 'local' for an instance on this machine), the models are scored
     in parallel as Ray tasks (mcl_utils.cluster) instead of one notebook after another."""
     zoo.ensure_trained(exp.models, device=exp.scoring.device, force=force, log=log, jobs=os.cpu_count() or 1)
-    corpus = experiment_corpus(exp)
     params = notebook_parameters(exp)
-    if ray is None:
-        tables = score_in_notebooks(exp, corpus, force, log)
-    else:
-        from mcl_utils.cluster import score_on_ray
+    tables = {}
+    for part, corpus in experiment_corpora(exp).items():
+        if ray is None:
+            scored = score_in_notebooks(exp, corpus, force, log, part)
+        else:
+            from mcl_utils.cluster import score_on_ray
 
-        tables = score_on_ray(exp.models, corpus, exp.losses_dir, exp.scoring, force=force, address=ray, log=log)
-    ran_any = False
-    for name in exp.analyses:
-        notebook = NOTEBOOKS / f"{name}.ipynb"
-        output = exp.book_dir / f"{name}.ipynb"
-        key, outputs = analysis_key(exp, notebook, tables), stage_outputs(exp, name)
-        if not force and _is_cached(output, key, outputs):
-            log(f"[{name}]  cached")
-            continue
-        log(f"[{name}]  executed in {execute(notebook, output, params, key, outputs):.0f} s")
-        ran_any = True
+            scored = score_on_ray(exp.models, corpus, exp.losses_dir, exp.scoring, force=force, address=ray,
+                                  log=log)
+        tables |= {spec if part == "full" else f"{spec} ({part})": path for spec, path in scored.items()}
+    ran_any = run_analyses(exp, tables, force, log)
     status = exp.book_dir / "status.ipynb"
     if ran_any or force or not status.exists():
         seconds = execute(NOTEBOOKS / "status.ipynb", status, params)
         log(f"[status] executed in {seconds:.0f} s")
     else:
         log("[status] cached")
+
+
+def run_analyses(exp: Experiment, tables: dict[str, Path], force: bool = False, log=print) -> bool:
+    """Execute each analysis stage that is not cached, side by side (one kernel per core: the stages are
+    independent notebooks); True when any ran. The first failure is raised once the others finish."""
+    pending = []
+    for name in exp.analyses:
+        notebook, output = NOTEBOOKS / f"{name}.ipynb", exp.book_dir / f"{name}.ipynb"
+        key, outputs = analysis_key(exp, notebook, tables), stage_outputs(exp, name)
+        if not force and _is_cached(output, key, outputs):
+            log(f"[{name}]  cached")
+        else:
+            pending.append((name, notebook, output, key, outputs))
+    if not pending:
+        return False
+    params = notebook_parameters(exp)
+    with ThreadPoolExecutor(min(len(pending), os.cpu_count() or 1)) as pool:
+        running = {pool.submit(execute, notebook, output, params, key, outputs): name
+                   for name, notebook, output, key, outputs in pending}
+        for done in as_completed(running):
+            log(f"[{running[done]}]  executed in {done.result():.0f} s")
+    return True
 
 
 # ---------------------------------------------------------------- the status page

@@ -85,8 +85,20 @@ class Row:
     n_pred: int
 
 
-def rolling_windows(tokens: Sequence[int], prefix_id: int, max_length: int) -> list[tuple[list[int], int]]:
-    """Split a token list into lm-eval's disjoint rolling windows: (window tokens incl. target, n_pred)."""
+def rolling_windows(tokens: Sequence[int], prefix_id: int, max_length: int,
+                    n_scored: int | None = None) -> list[tuple[list[int], int]]:
+    """Split a token list into lm-eval's disjoint rolling windows: (window tokens incl. target, n_pred).
+
+    With n_scored, only the first n_scored tokens are scored, each with exactly the context it has when
+    the whole list is scored (the windows of the whole list, cut after token n_scored)."""
+    if n_scored is not None:
+        windows, start = [], 0
+        for seq, n_pred in rolling_windows(tokens, prefix_id, max_length):
+            cut = max(0, start + n_pred - n_scored)
+            if cut < n_pred:
+                windows.append((seq[:len(seq) - cut], n_pred - cut))
+            start += n_pred
+        return windows
     if max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {max_length}")
     tokens = list(tokens)
@@ -103,14 +115,16 @@ def rolling_windows(tokens: Sequence[int], prefix_id: int, max_length: int) -> l
 
 
 def make_rows(token_lists: Sequence[Sequence[int]], prefix_id: int, max_length: int,
-              sample_ids: Sequence[str], model_name: str) -> list[Row]:
-    """All windows of all samples; a sample without tokens is an error naming it."""
+              sample_ids: Sequence[str], model_name: str, n_scored: Sequence[int] | None = None) -> list[Row]:
+    """All windows of all samples (of each sample's first n_scored tokens, if given); a sample without
+    tokens is an error naming it."""
     rows = []
     for i, toks in enumerate(token_lists):
-        if not toks:
+        if not toks or (n_scored is not None and n_scored[i] < 1):
             raise UserError(f"sample {sample_ids[i]!r} has no tokens under {model_name}; "
                             "fix: drop empty samples from the corpus")
-        for w, (seq, n_pred) in enumerate(rolling_windows(toks, prefix_id, max_length)):
+        limit = None if n_scored is None else n_scored[i]
+        for w, (seq, n_pred) in enumerate(rolling_windows(toks, prefix_id, max_length, limit)):
             rows.append(Row(i, w, tuple(seq), n_pred))
     return rows
 
@@ -375,15 +389,30 @@ def score_texts(loaded: LoadedModel, texts: Sequence[str], max_length: int | Non
     return per_sample(rows, batches, results, len(texts))
 
 
+def head_token_counts(heads: Sequence[Sequence[int]], wholes: Sequence[Sequence[int]]) -> list[int]:
+    """How many leading tokens each head shares with its whole text's tokens (all of them unless the
+    tokenizer merges across the cut)."""
+    return [next((i for i, (a, b) in enumerate(zip(h, w)) if a != b), min(len(h), len(w)))
+            for h, w in zip(heads, wholes)]
+
+
 def prepare(loaded: LoadedModel, texts: Sequence[str], sample_ids: Sequence[str], max_length: int | None,
-            batch_tokens: int | None) -> tuple[list[Row], list[list[int]], int]:
-    """Tokenize, cut into windows and plan batches; also return the batch token budget used."""
+            batch_tokens: int | None, full_texts: Sequence[str] | None = None
+            ) -> tuple[list[Row], list[list[int]], int]:
+    """Tokenize, cut into windows and plan batches; also return the batch token budget used.
+
+    With full_texts (texts are then their heads), each head is scored as part of its full text: its
+    tokens get the context they have when the full text is scored, so head + rest = full exactly."""
     card = loaded.card
     max_length = min(max_length or card.context_length, card.context_length)
     param = next(loaded.model.parameters())
     budget = batch_tokens or default_batch_tokens(card.vocab_size, loaded.device, param.dtype,
                                                   full_logits=split_head(loaded) is None)
-    rows = make_rows(tokenize(loaded, texts), card.prefix_token_id, max_length, sample_ids, card.name)
+    tokens, n_scored = tokenize(loaded, texts), None
+    if full_texts is not None:
+        heads, tokens = tokens, tokenize(loaded, full_texts)
+        n_scored = head_token_counts(heads, tokens)
+    rows = make_rows(tokens, card.prefix_token_id, max_length, sample_ids, card.name, n_scored)
     return rows, plan_batches(rows, budget), budget
 
 
@@ -513,7 +542,9 @@ def _score_locked(model_spec: ModelSpec, tgt: Target, corpus: Corpus, settings: 
                         device_map="auto" if settings.gpus_for(model_spec.name) > 1 else None)
     texts = corpus.samples["text"].tolist()
     sample_ids = corpus.samples["sample_id"].tolist()
-    rows, batches, budget = prepare(loaded, texts, sample_ids, settings.max_length, settings.batch_tokens)
+    full_texts = corpus.samples["full_text"].tolist() if "full_text" in corpus.samples else None
+    rows, batches, budget = prepare(loaded, texts, sample_ids, settings.max_length, settings.batch_tokens,
+                                    full_texts)
     plan_hash = hashlib.sha256(json.dumps([[(rows[r].sample, rows[r].window) for r in b] for b in batches])
                                .encode()).hexdigest()
     checkpoint = Checkpoint(tgt.checkpoint_path, {"cache_key": key, "plan": plan_hash})

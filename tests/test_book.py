@@ -54,6 +54,7 @@ def test_book_has_every_chapter(built_book):
                  "book/generated/offline-llms/oracle.html", "book/generated/offline-llms/laws.html",
                  "book/generated/offline-llms/status.html", "book/generated/zoo-laws/scaling.html",
                  "book/generated/zoo-laws/collaboration.html", "book/generated/zoo-laws/diversity.html",
+                 "book/generated/zoo-laws/realizable.html",
                  "book/generated/zoo-laws/status.html"):
         assert page in names
     oracle = (built_book / "book/generated/offline-llms/oracle.html").read_text()

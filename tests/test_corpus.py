@@ -122,3 +122,16 @@ def test_passages_keep_code_indentation():
     assert pack_passages(["a b", "c", "d e f"], " ", min_words=3) == ["a b c", "d e f"]
     df = build_domain("code", {"m.py": "def f():\n    x = 1\n\n    return x\n"})
     assert df["text"].tolist() == ["def f():\n    x = 1\n\n    return x"]
+
+
+def test_heads_are_prefixes_with_their_own_fingerprint():
+    """prefix_fraction keeps each sample's head as its text and the whole text beside it; the corpus of
+    heads has its own fingerprint, and the same sample ids."""
+    whole = load_corpus(CorpusSpec(n_samples=20))
+    heads = load_corpus(CorpusSpec(n_samples=20, prefix_fraction=0.5))
+    assert list(heads.samples["sample_id"]) == list(whole.samples["sample_id"])
+    assert list(heads.samples["full_text"]) == list(whole.samples["text"])
+    assert all(t.startswith(h) and len(h) < len(t) for h, t in zip(heads.samples["text"], whole.samples["text"]))
+    assert heads.fingerprint != whole.fingerprint
+    with pytest.raises(UserError, match="prefix_fraction must be a number between 0 and 1"):
+        CorpusSpec(prefix_fraction=0)
