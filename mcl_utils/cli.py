@@ -133,6 +133,13 @@ def _device_kind(device: str) -> str:
     return resolve_device(device).type
 
 
+def _zoo_mix(args: argparse.Namespace) -> None:
+    """Run `mcl zoo mix`."""
+    from mcl_utils.pipeline import load_experiment, token_mixtures
+
+    print(f"wrote {token_mixtures(load_experiment(args.experiment), progress=not args.no_progress)}")
+
+
 def _add_zoo_parser(sub: argparse._SubParsersAction) -> None:
     """`mcl zoo train` and `mcl zoo sweep`."""
     zoo = sub.add_parser("zoo", help="train the model zoo (families x sizes x seeds) and tune it",
@@ -168,6 +175,15 @@ def _add_zoo_parser(sub: argparse._SubParsersAction) -> None:
     score.add_argument("--out", default="results/losses", help="directory for loss tables (default: results/losses)")
     score.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     score.set_defaults(func=_zoo_score)
+    mix = zsub.add_parser("mix", help="per-token mixtures of each family's models (they share a tokenizer)",
+                          description="Score every token of the experiment's samples with each seed-0 zoo model "
+                          "(cached under $MCL_CACHE/tokens), then mix each family's models token by token: "
+                          "uniform weights, and weights fitted by EM on the other folds' samples. Writes "
+                          "results/<experiment>/token_mixtures.json, which the chapter on how much of the "
+                          "oracle is real reads.")
+    mix.add_argument("experiment")
+    mix.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    mix.set_defaults(func=_zoo_mix)
     for p, func in ((train, _zoo_train), (sweep, _zoo_sweep)):
         p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ... (default: auto)")
         p.add_argument("--out", default=None, help="directory for cards, logs, sweeps (default: results/zoo/)")

@@ -166,24 +166,39 @@ def _huber_rho(weights: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
 # ---------------------------------------------------------------- the fitter
 
 
+_GRID_BASES: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _grid_basis(form: LawForm, x: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The grid of the nonlinear parameters and the basis at every grid point (G x n x p), computed once
+    per form and points: bootstrap refits change only the targets, so they share it."""
+    key = (form.name, tuple((k, v.tobytes()) for k, v in sorted(x.items())))
+    if key not in _GRID_BASES:
+        if len(_GRID_BASES) >= 64:
+            _GRID_BASES.pop(next(iter(_GRID_BASES)))
+        grid = np.array(list(itertools.product(*(p.grid() for p in form.nonlinear))))
+        _GRID_BASES[key] = grid, np.stack([form.basis(theta, x) for theta in grid])
+    return _GRID_BASES[key]
+
+
 def _grid_starts(form: LawForm, x: Mapping[str, np.ndarray], y: np.ndarray, w: np.ndarray,
                  delta: float, n_starts: int) -> list[np.ndarray]:
     """Variable projection on the grid: for every grid point of the nonlinear parameters, the
     non-negative linear coefficients minimizing weighted squared relative error (a first-order log
     residual), solved exactly; the best grid point of each basin (a local minimum of the grid's Huber
     objective), best `n_starts` basins first, as start vectors."""
-    grid = np.array(list(itertools.product(*(p.grid() for p in form.nonlinear))))
-    phi = np.stack([form.basis(theta, x) for theta in grid])  # (G, n, p)
+    grid, phi = _grid_basis(form, x)
     scale = np.sqrt(w) / y
     a = phi * scale[None, :, None]
-    gram = np.einsum("gnp,gnq->gpq", a, a)
-    rhs = np.einsum("gnp,n->gp", a, np.sqrt(w))
+    a_t = a.transpose(0, 2, 1)
+    gram = a_t @ a
+    rhs = a_t @ np.sqrt(w)
     norms = np.sqrt(np.maximum(np.einsum("gpp->gp", gram), 1e-300))  # Jacobi scaling: columns differ by 1e10
     scaled = gram / (norms[:, :, None] * norms[:, None, :]) + 1e-12 * np.eye(gram.shape[1])
     coefficients = np.linalg.solve(scaled, (rhs / norms)[..., None])[..., 0] / norms
     for g in np.flatnonzero(np.any(coefficients < 0, axis=1) | ~np.all(np.isfinite(coefficients), axis=1)):
         coefficients[g] = nnls(a[g], np.sqrt(w), maxiter=50 * a.shape[2])[0]
-    values = objective(np.einsum("gnp,gp->gn", phi, coefficients), y, w, delta)
+    values = objective((phi @ coefficients[..., None])[..., 0], y, w, delta)
     shaped = values.reshape([p.n_grid for p in form.nonlinear])
     is_min = (minimum_filter(shaped, size=3, mode="nearest") == shaped) & np.isfinite(shaped)
     basin_of, n_basins = label(is_min, structure=np.ones([3] * shaped.ndim))  # a plateau is one basin

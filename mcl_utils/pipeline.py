@@ -18,19 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pandas as pd
 import yaml
 from jupyter_client.manager import AsyncKernelManager
 
 import mcl_utils
-from mcl_utils import zoo
+from mcl_utils import realizable, zoo
 from mcl_utils.corpus import BROWN_PARQUET, Corpus, CorpusSpec, load_corpus
 from mcl_utils.errors import UserError
 from mcl_utils.models import parse_spec, sha256_file
 from mcl_utils.oracle import model_cards
-from mcl_utils.scoring import ScoringSettings, target
-from mcl_utils.store import (CONTENT_KEY, LossMatrix, atomic_path, canonical_json, load_matrix, read_provenance,
-                             slug)
+from mcl_utils.scoring import ScoringSettings, cached_token_losses, target
+from mcl_utils.store import (CONTENT_KEY, LossMatrix, atomic_path, cache_root, canonical_json, load_matrix,
+                             read_provenance, slug)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO_ROOT / "notebooks"
@@ -47,7 +48,8 @@ STAGE_INPUTS = {"oracle": (), "laws": ("data/published/*.csv",),
                 "gpus": ("results/benchmarks/*.json", "experiments/paper-scale.yaml"),
                 "scaling": (*ZOO_CARDS, "results/zoo/sweeps/*.json", "experiments/offline-llms.yaml",
                             "results/losses/*.parquet"),
-                "collaboration": ZOO_CARDS, "diversity": ZOO_CARDS, "realizable": ZOO_CARDS}
+                "collaboration": ZOO_CARDS, "diversity": ZOO_CARDS,
+                "realizable": (*ZOO_CARDS, "results/zoo-laws/token_mixtures.json")}
 STAGE_OUTPUTS = {"oracle": ("oracle.parquet", "oracle.json"), "laws": ("fits.json",), "scaling": ("scaling.json",),
                  "collaboration": ("collaboration.json",), "diversity": ("diversity.json",),
                  "realizable": ("realizable.json",)}
@@ -224,6 +226,46 @@ def prefix_matrix(exp: Experiment) -> LossMatrix:
     if missing:
         raise UserError(f"no loss table of the sample heads for {missing}; fix: run `mcl run {exp.path}`")
     return load_matrix(list(paths.values()))
+
+
+TOKEN_MIXTURES = "token_mixtures.json"
+
+
+def token_mixtures(exp: Experiment, progress: bool = True, log=print) -> Path:
+    """Per-token mixtures of each zoo family's seed-0 models (which share a tokenizer): every sample's NLL
+    under the uniform mixture of the members' next-token probabilities and under the mixture whose weights
+    EM fits on the other folds' samples, written with provenance to results/<experiment>/token_mixtures.json.
+    Per-token losses are cached under the cache root (large, never committed)."""
+    corpus = experiment_corpus(exp)
+    matrix, _, _ = experiment_matrix(exp)
+    cards = zoo.cards_table(matrix.models)
+    families = {}
+    for family, group in cards[cards["seed"] == 0].groupby("family", sort=False):
+        columns = group.index.to_numpy()
+        if len({tuple(matrix.n_tokens[:, j]) for j in columns}) != 1:
+            raise UserError(f"the {family} models tokenize the samples differently; fix: give the family one "
+                            "tokenizer")
+        per_model = []
+        for j in columns:
+            losses = cached_token_losses(matrix.models[j], corpus, exp.scoring, progress=progress)
+            sums = np.array([x.sum(dtype=np.float64) for x in losses])
+            if not np.allclose(sums, matrix.nll_nats[:, j], rtol=1e-4, atol=1e-3):
+                raise UserError(f"per-token losses of {matrix.models[j]} disagree with its loss table; fix: delete "
+                                f"{cache_root() / 'tokens'} and rerun")
+            per_model.append(losses)
+        per_sample = [np.column_stack(parts) for parts in zip(*per_model)]
+        uniform = np.full(len(columns), 1 / len(columns))
+        em, weights = realizable.cross_fitted_token_mixture(per_sample)
+        families[family] = {"models": [matrix.models[j] for j in columns], "em_weights": weights.tolist(),
+                            "uniform_nll_nats": [realizable.token_mixture_nll(x, uniform) for x in per_sample],
+                            "em_nll_nats": em.tolist()}
+        log(f"[mix]  {family}: {len(columns)} models, EM weights {np.round(weights, 3).tolist()}")
+    path = exp.out_dir / TOKEN_MIXTURES
+    write_json(path, {"experiment": experiment_summary(exp), "sample_ids": matrix.sample_ids.tolist(),
+                      "n_folds": realizable.N_FOLDS, "families": families,
+                      "inputs": {m: p["cache_key"] for m, p in zip(matrix.models, matrix.provenance)},
+                      "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return path
 
 
 # ---------------------------------------------------------------- executing notebooks

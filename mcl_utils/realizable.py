@@ -422,3 +422,58 @@ def params_run_per_byte(head_params: np.ndarray | float, rest_params: np.ndarray
     each sample's head (share head_share of its bytes) and rest_params on the rest."""
     per_sample = head_share * head_params + (1 - head_share) * rest_params
     return float(np.average(np.broadcast_to(per_sample, np.shape(n_bytes)), weights=n_bytes))
+
+
+# ---------------------------------------------------------------- per-token mixtures (models sharing a tokenizer)
+
+
+def _shifted_probabilities(token_nll: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """exp(-(nll - the token's smallest nll)) (tokens x models) and that smallest nll per token: mixture
+    responsibilities and likelihoods computed from them never underflow."""
+    token_nll = np.asarray(token_nll, dtype=np.float64)
+    shift = token_nll.min(axis=1)
+    return np.exp(shift[:, None] - token_nll), shift
+
+
+def em_weights(token_nll: np.ndarray, iterations: int = 1000, tol: float = 1e-9) -> np.ndarray:
+    """Mixture weights over models (tokens x models of per-token NLL) maximizing the likelihood of
+    sum_k w_k p_k(token), by expectation-maximization from uniform weights."""
+    p, _ = _shifted_probabilities(token_nll)
+    weights = np.full(p.shape[1], 1 / p.shape[1])
+    for _ in range(iterations):
+        updated = weights * (p.T @ (1 / (p @ weights))) / len(p)  # the mean responsibility of each model
+        if np.abs(updated - weights).max() < tol:
+            return updated
+        weights = updated
+    return weights
+
+
+def token_mixture_nll(token_nll: np.ndarray, weights: np.ndarray) -> float:
+    """Summed NLL (nats) of tokens under the per-token mixture sum_k w_k p_k."""
+    p, shift = _shifted_probabilities(token_nll)
+    return float((shift - np.log(p @ np.asarray(weights, dtype=np.float64))).sum())
+
+
+def cross_fitted_token_mixture(per_sample: Sequence[np.ndarray], n_folds: int = N_FOLDS, seed: int = 0
+                               ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample NLL (nats) of the per-token mixture whose weights are fit by EM on the other folds' samples
+    (each sample's tokens x models), and the weights fit on every sample (for display)."""
+    out = np.empty(len(per_sample))
+    for train, test in KFold(n_folds, shuffle=True, random_state=seed).split(np.arange(len(per_sample))):
+        weights = em_weights(np.concatenate([per_sample[i] for i in train]))
+        out[test] = [token_mixture_nll(per_sample[i], weights) for i in test]
+    return out, em_weights(np.concatenate(per_sample))
+
+
+def bpb_intervals(nll_nats: dict[str, np.ndarray], reference: str, n_bytes: np.ndarray, n_resamples: int,
+                  seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+    """Bits per byte of each method's per-sample losses and its gain over the reference method in percent
+    of the reference's bits per byte, with a percentile interval over evaluation samples."""
+    names = list(nll_nats)
+    weights = np.vstack([np.ones(len(n_bytes)), resample_weights(len(n_bytes), n_resamples, seed)])
+    bpb = weighted_bpb(np.column_stack([nll_nats[m] for m in names]), n_bytes, weights)
+    ref = bpb[:, names.index(reference)][:, None]
+    gain = 100 * (ref - bpb) / ref
+    tail = 100 * (1 - level) / 2
+    return pd.DataFrame({"method": names, "bpb": bpb[0], "gain_pct": gain[0],
+                         "lo": np.percentile(gain[1:], tail, axis=0), "hi": np.percentile(gain[1:], 100 - tail, axis=0)})

@@ -25,8 +25,8 @@ from mcl_utils.corpus import Corpus
 from mcl_utils.errors import UserError
 from mcl_utils.models import (LoadedModel, ModelSpec, card_dict, load_model, model_identity, parse_device, parse_spec,
                               resolve_device, resolve_dtype)
-from mcl_utils.store import (cache_key, canonical_json, check_losses, check_writable_dir, file_lock, is_intact,
-                             loss_table_path, read_provenance, write_loss_table)
+from mcl_utils.store import (atomic_path, cache_key, cache_root, canonical_json, check_losses, check_writable_dir,
+                             file_lock, is_intact, loss_table_path, read_provenance, write_loss_table)
 
 # Bump when a change to this module can change any number it writes: every cached table is then rescored.
 SCORER_VERSION = "2"
@@ -416,6 +416,23 @@ def prepare(loaded: LoadedModel, texts: Sequence[str], sample_ids: Sequence[str]
     return rows, plan_batches(rows, budget), budget
 
 
+def token_losses(loaded: LoadedModel, texts: Sequence[str], max_length: int | None = None,
+                 batch_tokens: int | None = None, progress: bool = False) -> list[np.ndarray]:
+    """Each text's per-token NLL in nats (float32, in token order), scored as score_texts scores them."""
+    rows, batches, _ = prepare(loaded, texts, [str(i) for i in range(len(texts))], max_length, batch_tokens)
+    per_row: dict[int, np.ndarray] = {}
+    for batch in tqdm(batches, desc=loaded.card.name, unit="batch", disable=not progress):
+        part = launch_batch(loaded, [rows[r] for r in batch])
+        if part.event is not None:
+            part.event.synchronize()
+        for r, values in zip(batch, np.split(part.token_nll.numpy(), np.cumsum(part.counts)[:-1])):
+            per_row[r] = values
+    out: list[list[np.ndarray]] = [[] for _ in texts]
+    for r in sorted(per_row, key=lambda r: (rows[r].sample, rows[r].window)):
+        out[rows[r].sample].append(per_row[r])
+    return [np.concatenate(parts).astype(np.float32) for parts in out]
+
+
 # ---------------------------------------------------------------- cached, resumable scoring of a corpus
 
 
@@ -571,3 +588,22 @@ def _score_locked(model_spec: ModelSpec, tgt: Target, corpus: Corpus, settings: 
     write_loss_table(out_path, table, provenance)
     checkpoint.path.unlink(missing_ok=True)
     return out_path
+
+
+def cached_token_losses(spec: str, corpus: Corpus, settings: ScoringSettings = ScoringSettings(),
+                        progress: bool = True) -> list[np.ndarray]:
+    """Per-token losses of every corpus sample under one model, cached (not committed: they are large) under
+    the cache root by the same key as the model's loss table."""
+    tgt = target(spec, corpus, Path("."), settings)
+    path = cache_root() / "tokens" / tgt.path.with_suffix(".npz").name
+    with file_lock(path):
+        if not path.exists():
+            loaded = load_model(parse_spec(spec), settings.device, settings.dtype, identity=tgt.identity)
+            losses = token_losses(loaded, corpus.samples["text"].tolist(), settings.max_length,
+                                  settings.batch_tokens, progress=progress)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, nll=np.concatenate(losses), offsets=np.cumsum([0] + [len(x) for x in losses]))
+        with np.load(path) as data:
+            nll, offsets = data["nll"], data["offsets"]
+    return [nll[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+

@@ -191,3 +191,43 @@ def test_replica_pools_and_matched_budgets():
     masks = rz.matched_budget_masks([10, 20, 30, 40, 1000], 2, 50, among=[0, 1, 2, 3], tolerance=0.1)
     assert sorted(masks) == sorted([1 << 0 | 1 << 3, 1 << 1 | 1 << 2])
     assert all(sum(1 for j in range(5) if m >> j & 1) == 2 for m in masks)
+
+
+def test_token_losses_sum_to_the_sample_losses(loaded):
+    """Per-token losses, windows included, add up to the summed loss the loss tables hold."""
+    from mcl_utils.scoring import score_texts, token_losses
+
+    texts = [TEXTS[6] * 2, TEXTS[1], TEXTS[2]]
+    per_token = token_losses(loaded, texts, max_length=16)
+    nll, n = score_texts(loaded, texts, max_length=16)
+    assert [len(x) for x in per_token] == list(n)
+    np.testing.assert_allclose([x.sum(dtype=np.float64) for x in per_token], nll, rtol=1e-5)
+
+
+def test_em_weights_and_token_mixtures():
+    """EM puts all weight on a model better on every token; mixing identical models changes nothing; the
+    uniform mixture's weights fit the likelihood less well than EM's."""
+    rng = np.random.default_rng(6)
+    good = rng.gamma(2, 1, (500, 1))
+    tokens = np.hstack([good, good + 2.0])
+    assert rz.em_weights(tokens)[0] > 0.99
+    same = np.hstack([good, good])
+    assert rz.token_mixture_nll(same, np.array([0.3, 0.7])) == pytest.approx(good.sum(), rel=1e-12)
+    mixed = np.hstack([good, rng.gamma(2, 1, (500, 1))])
+    weights = rz.em_weights(mixed)
+    assert rz.token_mixture_nll(mixed, weights) <= rz.token_mixture_nll(mixed, np.array([0.5, 0.5])) + 1e-9
+
+
+def test_token_mixture_weights_come_from_other_folds():
+    """A sample's cross-fitted mixture uses weights fit without it: changing the sample's own tokens changes
+    its loss only through its tokens, never through its weights."""
+    from sklearn.model_selection import KFold
+
+    rng = np.random.default_rng(7)
+    per_sample = [rng.gamma(2, 1, (int(rng.integers(5, 20)), 3)) for _ in range(40)]
+    changed = list(per_sample)
+    changed[0] = per_sample[0] + np.array([0.0, 50.0, 50.0])  # sample 0 now strongly favours model 0
+    out, _ = rz.cross_fitted_token_mixture(changed)
+    train = next(tr for tr, te in KFold(rz.N_FOLDS, shuffle=True, random_state=0).split(np.arange(40)) if 0 in te)
+    weights = rz.em_weights(np.concatenate([per_sample[i] for i in train]))
+    assert out[0] == pytest.approx(rz.token_mixture_nll(changed[0], weights), rel=1e-10)
