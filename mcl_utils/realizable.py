@@ -115,8 +115,7 @@ def _by_high_half(rule: Rule, masks: np.ndarray) -> list[tuple[int, np.ndarray, 
     masks = np.asarray(masks, dtype=np.int64)
     high, low = masks >> rule.half, masks & ((1 << rule.half) - 1)
     order = np.argsort(high, kind="stable")
-    starts = np.flatnonzero(np.r_[True, high[order][1:] != high[order][:-1]])
-    return [(int(high[order][a]), order[a:b], low[order][a:b]) for a, b in zip(starts, np.r_[starts[1:], len(order)])]
+    return [(h, order[a:b], low[order][a:b]) for h, a, b in oracle._runs(high[order])]
 
 
 def pool_losses(rule: Rule, masks: Sequence[int]) -> np.ndarray:
