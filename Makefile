@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXPERIMENTS ?= experiments/offline-llms.yaml experiments/zoo.yaml
+EXPERIMENTS ?= experiments/offline-llms.yaml experiments/zoo.yaml experiments/merging.yaml
 
 .PHONY: setup lock browser test book clean
 

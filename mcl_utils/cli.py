@@ -1,5 +1,5 @@
 """The `mcl` command line: `mcl score` scores models on a corpus; `mcl run` runs an experiment; `mcl zoo`
-trains and tunes the model zoo."""
+trains and tunes the model zoo; `mcl merge` merges checkpoints and runs the merging study."""
 
 from __future__ import annotations
 
@@ -191,6 +191,70 @@ def _add_zoo_parser(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=func)
 
 
+def _merge_models(args: argparse.Namespace) -> None:
+    """Run `mcl merge models`."""
+    from mcl_utils import merging
+
+    k = len(args.experts)
+    if args.method == "average":
+        op = merging.Average()
+    elif args.method == "task_arithmetic":
+        op = merging.TaskArithmetic(args.scale if args.scale is not None else 1.0 / k)
+    elif args.method == "ties":
+        op = merging.Ties(args.density, args.scale if args.scale is not None else 1.0)
+    else:
+        op = merging.Dare(args.drop_rate, args.scale if args.scale is not None else 1.0 / k, args.seed)
+    for path in (args.base, *args.experts):
+        if not (Path(path) / "model.safetensors").is_file():
+            raise UserError(f"{path} has no model.safetensors; fix: pass checkpoint folders written by save_pretrained")
+    card = merging.save_merge(Path(args.out), Path(args.base), [Path(e) for e in args.experts], op)
+    print(f"merged {k} experts with {card['method']} -> {args.out} (score it as dir:{args.out})")
+
+
+def _merge_study(args: argparse.Namespace) -> None:
+    """Run `mcl merge study`."""
+    from mcl_utils import merging
+    from mcl_utils.pipeline import load_experiment
+
+    exp = load_experiment(args.experiment)
+    if exp.merging is None:
+        raise UserError(f"{args.experiment} has no merging section; fix: pass experiments/merging.yaml")
+    print(f"wrote {merging.run_study(exp.merging, exp.out_dir, force=args.force, jobs=args.jobs, progress=not args.no_progress)}")
+
+
+def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
+    """`mcl merge models` and `mcl merge study`."""
+    merge = sub.add_parser("merge", help="merge checkpoints; run the merging study",
+                           description="Merge fine-tuned experts of one base with mcl_utils.merging (Average, "
+                           "Task Arithmetic, TIES, DARE), or run an experiment's whole merging study.")
+    msub = merge.add_subparsers(dest="merge_command", required=True)
+    models = msub.add_parser("models", help="merge checkpoint folders into a new checkpoint folder",
+                             description="Merge experts fine-tuned from BASE and save the result (with the "
+                             "base's tokenizer and a merge card, mcl-merge.json) to OUT; score it as dir:OUT.")
+    models.add_argument("out")
+    models.add_argument("--base", required=True, help="the base checkpoint folder")
+    models.add_argument("--experts", nargs="+", required=True, help="expert checkpoint folders")
+    models.add_argument("--method", choices=["average", "task_arithmetic", "ties", "dare"], default="average")
+    models.add_argument("--scale", type=float, default=None,
+                        help="lambda on the task vectors (default: 1/k for task_arithmetic and dare, 1 for ties)")
+    models.add_argument("--density", type=float, default=0.2, help="TIES: share of each tensor kept (default: 0.2)")
+    models.add_argument("--drop-rate", type=float, default=0.2, help="DARE: share of entries dropped (default: 0.2)")
+    models.add_argument("--seed", type=int, default=0, help="DARE: seed of the random masks (default: 0)")
+    models.set_defaults(func=_merge_models)
+    study = msub.add_parser("study", help="fine-tune the experts, merge every subset, score every merge",
+                            description="Run an experiment's merging study, resuming where it stopped: train "
+                            "missing bases, fine-tune missing experts (cards in results/experts/), then merge "
+                            "every subset of the experts with every operator and score each merge on every "
+                            "domain's test texts, into results/<experiment>/.")
+    study.add_argument("experiment")
+    study.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                       help="parts (a base size x an operator) computed at once, in separate processes "
+                       "(default: the number of CPU cores)")
+    study.add_argument("--force", action="store_true", help="recompute every part, cached or not")
+    study.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    study.set_defaults(func=_merge_study)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `mcl` and its subcommands."""
     parser = argparse.ArgumentParser(prog="mcl", description="Measure how ensembles and merges of language "
@@ -231,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(HOST:6379, or auto), on that cluster, whose nodes share the results directory")
     run.set_defaults(func=_run)
     _add_zoo_parser(sub)
+    _add_merge_parser(sub)
     return parser
 
 

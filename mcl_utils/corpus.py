@@ -210,15 +210,38 @@ def table_fingerprint(df: pd.DataFrame, columns: tuple[str, ...] = ("doc_id", "s
     return h.hexdigest()
 
 
-def training_documents(source: str) -> pd.DataFrame:
-    """The train split of a domain (brown, sotu, code) as rows of doc_id and text: never validation or test."""
-    if source == "brown":
+# Groups of Brown genres that serve as domains of their own (the merging study's experts specialize in them).
+BROWN_GROUPS = {
+    "press": ("press: reportage", "press: editorial", "press: reviews"),
+    "fiction": ("fiction: general", "fiction: mystery", "fiction: science", "fiction: adventure",
+                "fiction: romance", "humor"),
+    "learned": ("learned",),
+    "nonfiction": ("religion", "skill and hobbies", "popular lore", "belles-lettres",
+                   "miscellaneous: government & house organs"),
+}
+
+
+def domain_names() -> list[str]:
+    """Every text domain: brown, its genre groups (brown-<group>), and the committed domains."""
+    return ["brown", *(f"brown-{g}" for g in BROWN_GROUPS), *DOMAINS]
+
+
+def domain_documents(domain: str, split: str) -> pd.DataFrame:
+    """One split of a domain (brown, brown-<group>, sotu, code) as rows of doc_id and text."""
+    if domain == "brown" or domain.removeprefix("brown-") in BROWN_GROUPS:
         df = load_brown()
-    elif source in DOMAINS:
-        df = load_domain(source)
+        if domain != "brown":
+            df = df[df["genre"].isin(BROWN_GROUPS[domain.removeprefix("brown-")])]
+    elif domain in DOMAINS:
+        df = load_domain(domain)
     else:
-        raise UserError(f"unknown training domain {source!r}; fix: use one of {['brown', *DOMAINS]}")
-    return df.loc[df["split"] == "train", ["doc_id", "text"]].reset_index(drop=True)
+        raise UserError(f"unknown domain {domain!r}; fix: use one of {domain_names()}")
+    return df.loc[df["split"] == split, ["doc_id", "text"]].reset_index(drop=True)
+
+
+def training_documents(source: str) -> pd.DataFrame:
+    """The train split of a domain as rows of doc_id and text: never validation or test."""
+    return domain_documents(source, "train")
 
 
 # ---------------------------------------------------------------- corpora

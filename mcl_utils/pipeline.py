@@ -24,7 +24,7 @@ import yaml
 from jupyter_client.manager import AsyncKernelManager
 
 import mcl_utils
-from mcl_utils import realizable, zoo
+from mcl_utils import merging, realizable, zoo
 from mcl_utils.corpus import BROWN_PARQUET, Corpus, CorpusSpec, load_corpus
 from mcl_utils.errors import UserError
 from mcl_utils.models import parse_spec, sha256_file
@@ -38,7 +38,8 @@ NOTEBOOKS = REPO_ROOT / "notebooks"
 GENERATED = REPO_ROOT / "book" / "generated"
 RESULTS = REPO_ROOT / "results"
 HIDDEN_TAGS = {"parameters", "injected-parameters"}
-ANALYSES = ("oracle", "laws", "gpus", "scaling", "collaboration", "diversity", "realizable")
+MERGING_ANALYSES = ("merge_operators", "merging_law", "merging_ensembling")  # read the merging study
+ANALYSES = ("oracle", "laws", "gpus", "scaling", "collaboration", "diversity", "realizable", *MERGING_ANALYSES)
 DEFAULT_ANALYSES = ("oracle", "laws")
 # Files each analysis notebook reads besides the loss tables and the corpus (glob patterns under the
 # repository), and the results it writes under the experiment's results folder. The stage's cache key
@@ -52,7 +53,8 @@ STAGE_INPUTS = {"oracle": (), "laws": ("data/published/*.csv",),
                 "realizable": (*ZOO_CARDS, "results/zoo-laws/token_mixtures.json")}
 STAGE_OUTPUTS = {"oracle": ("oracle.parquet", "oracle.json"), "laws": ("fits.json",), "scaling": ("scaling.json",),
                  "collaboration": ("collaboration.json",), "diversity": ("diversity.json",),
-                 "realizable": ("realizable.json",)}
+                 "realizable": ("realizable.json",), "merge_operators": ("merge_operators.json",),
+                 "merging_law": ("merging_law.json",), "merging_ensembling": ("merging_ensembling.json",)}
 LIBRARY_VERSIONS = ("torch", "transformers", "numpy", "pandas", "scipy", "altair", "papermill", "jupyter-book",
                     "myst-nb", "sphinx")
 
@@ -70,6 +72,7 @@ class Experiment:
     analyses: tuple[str, ...] = DEFAULT_ANALYSES
     bootstrap_resamples: int = 1000
     prefix_fraction: float | None = None  # also score each sample's head (the honest oracle, prefix routers)
+    merging: merging.MergingSettings | None = None  # the merging study (experts, operators, evaluation texts)
     results_dir: Path = RESULTS
     generated_dir: Path = GENERATED
 
@@ -142,7 +145,7 @@ def load_experiment(path: str | Path, results_dir: Path = RESULTS, generated_dir
     if not isinstance(raw, dict):
         raise UserError(f"{path} must be a YAML mapping; fix: start from experiments/offline-llms.yaml")
     allowed = {"name", "description", "corpus", "models", "zoo", "scoring", "analyses", "bootstrap_resamples",
-               "prefix_fraction"}
+               "prefix_fraction", "merging"}
     if set(raw) - allowed:
         raise UserError(f"{path}: unknown key(s) {sorted(set(raw) - allowed)}; fix: use only {sorted(allowed)}")
     name = raw.get("name")
@@ -178,9 +181,13 @@ def load_experiment(path: str | Path, results_dir: Path = RESULTS, generated_dir
     if "realizable" in analyses and raw.get("prefix_fraction") is None:
         raise UserError(f"{path}: the realizable analysis needs each sample's head scored; fix: add "
                         "prefix_fraction: 0.5")
+    study = _section(raw, "merging", merging.MergingSettings, path) if raw.get("merging") is not None else None
+    if study is None and set(analyses) & set(MERGING_ANALYSES):
+        raise UserError(f"{path}: the analyses {sorted(set(analyses) & set(MERGING_ANALYSES))} read a merging "
+                        "study; fix: add a merging: section (see experiments/merging.yaml)")
     return Experiment(name=name, path=path.resolve(), description=raw.get("description", ""),
                       corpus=corpus, models=tuple(names), scoring=scoring, analyses=tuple(analyses),
-                      bootstrap_resamples=resamples, prefix_fraction=raw.get("prefix_fraction"),
+                      bootstrap_resamples=resamples, prefix_fraction=raw.get("prefix_fraction"), merging=study,
                       results_dir=Path(results_dir), generated_dir=Path(generated_dir))
 
 
@@ -375,6 +382,8 @@ def _stage_input_files(exp: Experiment, name: str) -> list[Path]:
     files = [BROWN_PARQUET] if corpus == "brown" else [Path(corpus)] if Path(corpus).is_file() else []
     for pattern in STAGE_INPUTS.get(name, ()):
         files += sorted(REPO_ROOT.glob(pattern))
+    if name in MERGING_ANALYSES:
+        files += merging.study_files(exp.merging, exp.out_dir)
     return files
 
 
@@ -450,6 +459,11 @@ def run(exp: Experiment, force: bool = False, log=print, ray: str | None = None)
             scored = score_on_ray(exp.models, corpus, exp.losses_dir, exp.scoring, force=force, address=ray,
                                   log=log)
         tables |= {spec if part == "full" else f"{spec} ({part})": path for spec, path in scored.items()}
+    if exp.merging is not None:
+        if force or not merging.study_is_current(exp.merging, exp.out_dir):
+            merging.run_study(exp.merging, exp.out_dir, force=force, jobs=os.cpu_count() or 1, log=log)
+        else:
+            log("[merge]  study cached")
     ran_any = run_analyses(exp, tables, force, log)
     status = exp.book_dir / "status.ipynb"
     if ran_any or force or not status.exists():

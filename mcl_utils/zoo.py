@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from mcl_utils.corpus import DOMAINS, REPO_ROOT, table_fingerprint, training_documents
+from mcl_utils.corpus import REPO_ROOT, domain_documents, table_fingerprint, training_documents
 from mcl_utils.errors import UserError
 from mcl_utils.models import cache_root, count_parameters, sha256_file
 from mcl_utils.store import atomic_path, canonical_json, file_lock, strict_json
@@ -260,12 +260,9 @@ def domain_tokens(family: Family, domain: str, split: str = "train") -> list[np.
 
 def _split_documents(domain: str, split: str) -> list[str]:
     """Texts of a domain's validation split (training code never reads a test split)."""
-    from mcl_utils.corpus import load_brown, load_domain
-
     if split != "validation":
         raise UserError(f"zoo training reads only train and validation text, not {split!r}")
-    df = load_brown() if domain == "brown" else load_domain(domain)
-    return df.loc[df["split"] == split, "text"].tolist()
+    return domain_documents(domain, split)["text"].tolist()
 
 
 class TokenStream:
@@ -274,9 +271,9 @@ class TokenStream:
     Each domain's documents are shuffled per epoch (seeded by the family's data seed and the epoch),
     concatenated and cut into rows; which domain feeds each row is drawn once from the mixture shares."""
 
-    def __init__(self, family: Family, n_rows: int):
+    def __init__(self, family: Family, n_rows: int, docs: dict[str, list[np.ndarray]] | None = None):
         self.family, self.row_len = family, family.context + 1
-        self.docs = {d: domain_tokens(family, d) for d, _ in family.mixture}
+        self.docs = docs or {d: domain_tokens(family, d) for d, _ in family.mixture}
         shares = np.array([w for _, w in family.mixture], dtype=np.float64)
         rng = np.random.default_rng([family.data_seed, 1])
         self.row_domain = rng.choice(len(shares), size=n_rows, p=shares / shares.sum())
@@ -541,7 +538,9 @@ def _train_locked(model: ZooModel, rec: dict, run_dir: Path, dev: torch.device, 
         net.tie_weights()
         state = json.loads((run_dir / "final" / TRAIN_STATE).read_text())
         return _finish(model, rec, net, run_dir / "final", state, dev, out, write, log)
-    state = _train_loop(model, rec, net, dev, run_dir, checkpoint_every, progress, stop_after, log)
+    stream = TokenStream(model.family, rec["steps"] * rec["batch_rows"])
+    state = _train_loop(model.name, model.family, rec, net, dev, run_dir, stream, checkpoint_every, progress,
+                        stop_after, log)
     if state["step"] < rec["steps"] and not state["diverged"]:
         return {"name": model.name, "stopped_at": state["step"]}
     _save_final(net, tokenizer, run_dir / "final", state)
@@ -549,14 +548,14 @@ def _train_locked(model: ZooModel, rec: dict, run_dir: Path, dev: torch.device, 
     return _finish(model, rec, net, run_dir / "final", state, dev, out, write, log)
 
 
-def _train_loop(model: ZooModel, rec: dict, net: torch.nn.Module, dev: torch.device, run_dir: Path,
-                checkpoint_every: int, progress: bool, stop_after: int | None,
+def _train_loop(name: str, family: Family, rec: dict, net: torch.nn.Module, dev: torch.device, run_dir: Path,
+                stream: TokenStream, checkpoint_every: int, progress: bool, stop_after: int | None,
                 log: Callable[[str], None]) -> dict:
-    """AdamW with warmup and cosine decay, bf16 autocast on CUDA, an atomic checkpoint every N steps."""
+    """AdamW with warmup and cosine decay, bf16 autocast on CUDA, an atomic checkpoint every N steps
+    (a zoo model from scratch, or a merging expert from its base: `net` arrives initialized)."""
     from tqdm import tqdm
 
-    family, steps, rows = model.family, rec["steps"], rec["batch_rows"]
-    stream = TokenStream(family, steps * rows)
+    steps, rows = rec["steps"], rec["batch_rows"]
     matrices = [p for p in net.parameters() if p.dim() >= 2]
     vectors = [p for p in net.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": matrices, "weight_decay": family.weight_decay},
@@ -571,13 +570,13 @@ def _train_loop(model: ZooModel, rec: dict, net: torch.nn.Module, dev: torch.dev
         torch.set_rng_state(state.pop("rng_cpu"))
         if dev.type == "cuda":
             torch.cuda.set_rng_state(state.pop("rng_cuda"), dev)
-        log(f"[zoo] {model.name}: resuming at step {state['step']}/{steps}")
+        log(f"[train] {name}: resuming at step {state['step']}/{steps}")
     state.update(device=_device_name(dev), precision="bf16 autocast" if dev.type == "cuda" else "float32",
                  diverged=False)
     start, tick = time.perf_counter() - state["elapsed_s"], (time.perf_counter(), state["step"])
     loss_sum = torch.tensor(state["loss_sum"], device=dev)  # summed on the device: no sync per step
     net.train()
-    bar = tqdm(total=steps, initial=state["step"], desc=model.name, unit="step", disable=not progress,
+    bar = tqdm(total=steps, initial=state["step"], desc=name, unit="step", disable=not progress,
                dynamic_ncols=True)
     while state["step"] < steps and (stop_after is None or state["step"] < stop_after):
         step = state["step"]

@@ -27,11 +27,11 @@ ERROR_MARKERS = ["Javascript Error", "Error loading script", "Traceback (most re
 @pytest.fixture(scope="module")
 def built_book(tmp_path_factory) -> Path:
     """Run the default experiment from committed results and build the book strictly."""
-    for experiment in ("experiments/offline-llms.yaml", "experiments/zoo.yaml"):
+    for experiment in ("experiments/offline-llms.yaml", "experiments/zoo.yaml", "experiments/merging.yaml"):
         run = subprocess.run([BIN / "mcl", "run", experiment], cwd=REPO, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-3000:]
-        assert "scored" not in run.stdout and "trained in" not in run.stdout, \
-            "committed results must make training and scoring unnecessary:\n" + run.stdout
+        assert not any(word in run.stdout for word in ("scored", "trained in", "fine-tuned", "merges in")), \
+            "committed results must make training, scoring and merging unnecessary:\n" + run.stdout
     out = tmp_path_factory.mktemp("book")
     build = subprocess.run([BIN / "jupyter-book", "build", ".", "-W", "-n", "--keep-going", "--path-output",
                             str(out)], cwd=REPO, capture_output=True, text=True)
@@ -54,8 +54,9 @@ def test_book_has_every_chapter(built_book):
                  "book/generated/offline-llms/oracle.html", "book/generated/offline-llms/laws.html",
                  "book/generated/offline-llms/status.html", "book/generated/zoo-laws/scaling.html",
                  "book/generated/zoo-laws/collaboration.html", "book/generated/zoo-laws/diversity.html",
-                 "book/generated/zoo-laws/realizable.html",
-                 "book/generated/zoo-laws/status.html"):
+                 "book/generated/zoo-laws/realizable.html", "book/generated/zoo-laws/status.html",
+                 "book/generated/merging-laws/merge_operators.html", "book/generated/merging-laws/merging_law.html",
+                 "book/generated/merging-laws/merging_ensembling.html", "book/generated/merging-laws/status.html"):
         assert page in names
     oracle = (built_book / "book/generated/offline-llms/oracle.html").read_text()
     assert re.search(r"reaches\s*<span[^>]*>\s*1\.\d{4}", oracle), "glued bits per byte missing"

@@ -84,6 +84,9 @@ def test_run_scores_analyses_and_then_caches(tmp_path, tiny_llama, tiny_gpt2):
     (lambda d: d["scoring"].update(gpus_per_model={"dir:y": 2}), r"gpus_per_model names \['dir:y'\], which are not"),
     (lambda d: d.update(prefix_fraction=1.5), "prefix_fraction must be a number between 0 and 1"),
     (lambda d: d.update(analyses=["realizable"]), "realizable analysis needs each sample's head scored"),
+    (lambda d: d.update(analyses=["merging_law"]), r"read a merging study; fix: add a merging: section"),
+    (lambda d: d.update(merging={"family": "llama", "domains": ["sotu", "poetry"]}), "at least 2 distinct known"),
+    (lambda d: d.update(merging={"sizes": ["s1"], "experts": 3}), r"unknown merging setting\(s\) \['experts'\]"),
 ])
 def test_bad_experiments_are_one_line_errors(tmp_path, edit, message):
     """Each mistake in an experiment file names the problem and the fix."""
@@ -100,6 +103,20 @@ def test_default_experiment_is_valid():
     """The committed default experiment loads: two offline models on the Brown sample."""
     exp = load_experiment(Path(__file__).resolve().parent.parent / "experiments" / "offline-llms.yaml")
     assert exp.models == ("gguf:smollm2-135m-instruct", "gguf:gemma-3-270m") and exp.corpus.n_samples == 2000
+
+
+def test_merging_experiments_are_valid():
+    """The merging study (4 sizes spanning a decade of non-embedding parameters, 6 domains) and its
+    classroom tier (2 sizes, 4 domains) load, their bases are the experiments' zoo models."""
+    from mcl_utils import zoo
+
+    root = Path(__file__).resolve().parent.parent / "experiments"
+    study, classroom = (load_experiment(root / f) for f in ("merging.yaml", "merging-classroom.yaml"))
+    for exp, n_sizes, n_domains in ((study, 4, 6), (classroom, 2, 4)):
+        assert len(exp.merging.sizes) == n_sizes and len(exp.merging.domains) == n_domains
+        assert {f"zoo:{b}" for b in exp.merging.bases} == set(exp.models)
+    params = [zoo.count_model(zoo.parse_name(b))[1] for b in study.merging.bases]
+    assert max(params) / min(params) >= 10
 
 
 # Hub families of the paper-scale experiments and their transformers architectures (model_type); a

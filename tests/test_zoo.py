@@ -29,14 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def tiny(tmp_path, monkeypatch):
     """The tiny zoo installed, with its own cache and results directory (restored afterwards)."""
-    for name in ("FAMILIES", "training_documents", "_split_documents", "ZOO_RESULTS"):
-        value = getattr(zoo, name)
-        monkeypatch.setattr(zoo, name, dict(value) if name == "FAMILIES" else value)
-    monkeypatch.setenv("MCL_CACHE", str(tmp_path / "cache"))
-    tiny_zoo.install(tmp_path / "results")
-    yield tmp_path
-    zoo._fingerprint.cache_clear()
-    zoo._count.cache_clear()
+    yield from tiny_zoo.installed(tmp_path, monkeypatch)
 
 
 def test_tiny_zoo_trains_and_scores(tiny):

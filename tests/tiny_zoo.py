@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -24,8 +25,7 @@ FAMILIES = {
 @functools.cache
 def _documents(domain: str, split: str) -> pd.DataFrame:
     """The first 150 passages of a domain's split."""
-    df = corpus.load_brown() if domain == "brown" else corpus.load_domain(domain)
-    return df.loc[df["split"] == split, ["doc_id", "text"]].head(150).reset_index(drop=True)
+    return corpus.domain_documents(domain, split).head(150)
 
 
 def install(results: Path) -> None:
@@ -37,3 +37,16 @@ def install(results: Path) -> None:
     zoo._fingerprint.cache_clear()
     zoo._count.cache_clear()
     torch.set_num_threads(1)  # the same in a test's subprocess, so resumed weights match bit for bit
+
+
+def installed(tmp_path: Path, monkeypatch) -> Iterator[Path]:
+    """For a fixture: the tiny zoo installed with its own cache (tmp_path/cache) and results directory
+    (tmp_path/results); everything it patched is restored afterwards."""
+    for name in ("FAMILIES", "training_documents", "_split_documents", "ZOO_RESULTS"):
+        value = getattr(zoo, name)
+        monkeypatch.setattr(zoo, name, dict(value) if name == "FAMILIES" else value)
+    monkeypatch.setenv("MCL_CACHE", str(tmp_path / "cache"))
+    install(tmp_path / "results")
+    yield tmp_path
+    zoo._fingerprint.cache_clear()
+    zoo._count.cache_clear()
