@@ -49,11 +49,12 @@ def run_zoo(model: zoo.ZooModel, rec: dict, steps: int, dev: torch.device) -> tu
     """Seconds of the zoo's loop for `steps` steps, and its mean loss over the last logged interval."""
     tokenizer = zoo._load_tokenizer(zoo.family_tokenizer(model.family))
     net = zoo.build_model(model, tokenizer).to(dev)
+    stream = zoo.TokenStream(model.family, rec["steps"] * rec["batch_rows"])
     with tempfile.TemporaryDirectory() as tmp:
-        state = zoo._train_loop(model, rec, net, dev, Path(tmp), checkpoint_every=10**9, progress=False,
-                                stop_after=steps, log=lambda _: None)
+        state = zoo._train_loop(model.name, model.family, rec, net, dev, Path(tmp), stream, checkpoint_every=10**9,
+                                progress=False, stop_after=steps, log=lambda _: None)
     sync(dev)
-    # the loop's own clock: from its first step to its last (the token stream is built before it starts)
+    # the loop's own clock: from its first step to its last (the token stream is built before it)
     return state["elapsed_s"], state["log"][-1]["loss_nats"] if state["log"] else float("nan")
 
 
