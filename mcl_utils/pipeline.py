@@ -50,7 +50,9 @@ STAGE_INPUTS = {"oracle": (), "laws": ("data/published/*.csv",),
                 "scaling": (*ZOO_CARDS, "results/zoo/sweeps/*.json", "experiments/offline-llms.yaml",
                             "results/losses/*.parquet"),
                 "collaboration": ZOO_CARDS, "diversity": ZOO_CARDS,
-                "realizable": (*ZOO_CARDS, "results/zoo-laws/token_mixtures.json")}
+                "realizable": (*ZOO_CARDS, "results/zoo-laws/token_mixtures.json"),
+                # the merging stages also read every file of their experiment's study (merging.study_files)
+                "merge_operators": (), "merging_law": ("data/published/*.csv",), "merging_ensembling": ()}
 STAGE_OUTPUTS = {"oracle": ("oracle.parquet", "oracle.json"), "laws": ("fits.json",), "scaling": ("scaling.json",),
                  "collaboration": ("collaboration.json",), "diversity": ("diversity.json",),
                  "realizable": ("realizable.json",), "merge_operators": ("merge_operators.json",),
