@@ -432,30 +432,8 @@ def ensure_experts(settings: MergingSettings, jobs: int = 1, out: Path | None = 
         for base, domain in todo:
             finetune(base, domain, out=out, progress=progress, log=log)
         return
-    _in_processes(finetune, [dict(base=b, domain=d, out=out, progress=False, threads=1) for b, d in todo[::-1]],
-                  jobs)
-
-
-def _in_processes(fn: Callable, kwargs_list: list[dict], jobs: int,
-                  on_done: Callable[[object], None] | None = None) -> list:
-    """Run fn(**kwargs) for each kwargs in `jobs` spawned processes, calling on_done with each result as it
-    arrives; the first failure is raised."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    results = []
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for done in as_completed([pool.submit(_call, (fn, kw)) for kw in kwargs_list]):
-            results.append(done.result())
-            if on_done is not None:
-                on_done(results[-1])
-    return results
-
-
-def _call(job: tuple[Callable, dict]) -> object:
-    """fn(**kwargs) (a picklable trampoline for the process pool)."""
-    fn, kwargs = job
-    return fn(**kwargs)
+    zoo.in_processes(finetune, [dict(base=b, domain=d, out=out, progress=False, threads=1) for b, d in todo[::-1]],
+                     jobs)
 
 
 # ---------------------------------------------------------------- the study: every subset, every operator
@@ -591,7 +569,7 @@ def run_study(settings: MergingSettings, out_dir: Path, force: bool = False, job
         for kw in kwargs:
             report(run_part(**kw))
     else:
-        _in_processes(run_part, kwargs, jobs, on_done=report)
+        zoo.in_processes(run_part, kwargs, jobs, on_done=report)
     manifest = {"settings": dataclasses.asdict(settings), "parts": {f"{s}/{m}": keys[(s, m)] for s, m in parts},
                 "finetune": FINETUNE, "experts": {e: zoo.read_card(e, EXPERT_RESULTS)["weights_sha256"]
                                                   for e in (expert_name(b, d) for b in settings.bases
@@ -755,12 +733,11 @@ def bootstrap_law(study: Study, method: str, target: str, n_resamples: int, seed
     expert subsets (with replacement within each (N, k) group)."""
     sub = Study(study.settings, study.samples, {key: v for key, v in study.losses.items() if key[1] == method},
                 study.n_params)
-    base = fit_merging_law(curves(merge_table(sub), target))
+    table = merge_table(sub)  # this method's merges only (no base rows)
+    base = fit_merging_law(curves(table, target))
     by_sample = curves(merge_table(sub, stratified_weights(sub, n_resamples, seed)), target)
     samples = laws._collect("evaluation samples", [lambda g=g: laws.refit(base, g["loss"].to_numpy())
                                                    for _, g in by_sample.groupby("resample")])
-    table = merge_table(sub)
-    table = table[table["method"] == method].reset_index(drop=True)
     groups = list(table.groupby(["size", "k"]).indices.values())
     rng = np.random.default_rng(seed + 1)
 

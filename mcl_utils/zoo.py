@@ -800,18 +800,28 @@ def ensure_trained(specs: Iterable[str], device: str = "auto", force: bool = Fal
 def _train_in_parallel(names: list[str], jobs: int, out: Path | None, threads: int,
                        log: Callable[[str], None]) -> None:
     """Train models on the CPU in `jobs` worker processes, the longest first; the first failure stops all."""
+    longest_first = budget_table(names).iloc[:-1].sort_values("est_s", ascending=False)["model"].tolist()
+    log(f"[zoo] training {len(names)} models, {jobs} at a time ({threads} thread each)")
+    in_processes(train, [dict(name=name, device="cpu", progress=False, out=out, threads=threads)
+                         for name in longest_first], jobs,
+                 on_done=lambda card: log(f"[zoo] {card['name']}: trained in {card['wall_time_s']:.0f} s, "
+                                          f"validation {card['val_bpb']:.3f} bits/byte"))
+
+
+def in_processes(fn: Callable, kwargs_list: list[dict], jobs: int,
+                 on_done: Callable[[object], None] | None = None) -> list:
+    """Run fn(**kwargs) for each kwargs in `jobs` spawned processes (fn must be a module-level function),
+    calling on_done with each result as it arrives; the first failure is raised."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    longest_first = budget_table(names).iloc[:-1].sort_values("est_s", ascending=False)["model"].tolist()
-    log(f"[zoo] training {len(names)} models, {jobs} at a time ({threads} thread each)")
+    results = []
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(train, name, device="cpu", progress=False, out=out, threads=threads): name
-                   for name in longest_first}
-        for done in as_completed(futures):
-            card = done.result()
-            log(f"[zoo] {futures[done]}: trained in {card['wall_time_s']:.0f} s, validation "
-                f"{card['val_bpb']:.3f} bits/byte")
+        for done in as_completed([pool.submit(fn, **kwargs) for kwargs in kwargs_list]):
+            results.append(done.result())
+            if on_done is not None:
+                on_done(results[-1])
+    return results
 
 
 # ---------------------------------------------------------------- budget and sweep
