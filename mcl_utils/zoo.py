@@ -810,8 +810,8 @@ def _train_in_parallel(names: list[str], jobs: int, out: Path | None, threads: i
 
 def in_processes(fn: Callable, kwargs_list: list[dict], jobs: int,
                  on_done: Callable[[object], None] | None = None) -> list:
-    """Run fn(**kwargs) for each kwargs in `jobs` spawned processes (fn must be a module-level function),
-    calling on_done with each result as it arrives; the first failure is raised."""
+    """Call fn with each mapping of keyword arguments in `jobs` spawned processes (fn must be a module-level
+    function), calling on_done with each result as it arrives; the first failure is raised."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
