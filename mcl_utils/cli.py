@@ -76,9 +76,9 @@ def _score(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     """Run `mcl run`."""
-    from mcl_utils.pipeline import load_experiment, run
+    from mcl_utils.pipeline import load_experiment, run_all
 
-    run(load_experiment(args.experiment), force=args.force, ray=args.ray)
+    run_all([load_experiment(path) for path in args.experiment], force=args.force, ray=args.ray)
 
 
 def _zoo_train(args: argparse.Namespace) -> None:
@@ -282,12 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="rescore even if a cached table exists")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     score.set_defaults(func=_score)
-    run = sub.add_parser("run", help="run an experiment: score each model, then the analysis notebooks",
-                         description="Execute an experiment's pipeline with papermill: notebooks/score.ipynb "
+    run = sub.add_parser("run", help="run experiments: score each model, then the analysis notebooks",
+                         description="Execute experiment pipelines with papermill: notebooks/score.ipynb "
                          "once per model whose loss table is not cached (with --ray: one Ray task per model, "
                          "in parallel), then each analysis notebook and the status page, into "
-                         "book/generated/<experiment>/.")
-    run.add_argument("experiment", help="experiment file, e.g. experiments/offline-llms.yaml")
+                         "book/generated/<experiment>/. Given several experiments, each is trained and scored "
+                         "in turn, then all their analysis notebooks run side by side, one per core.")
+    run.add_argument("experiment", nargs="+", help="experiment files, e.g. experiments/offline-llms.yaml")
     run.add_argument("--force", action="store_true", help="recompute every stage, cached or not")
     run.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                      help="score the models in parallel, one Ray task per model (one GPU each, or the experiment's "

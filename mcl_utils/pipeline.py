@@ -45,6 +45,9 @@ DEFAULT_ANALYSES = ("oracle", "laws")
 # repository), and the results it writes under the experiment's results folder. The stage's cache key
 # covers the inputs' contents; its executed notebook records the outputs' sha256, checked before reuse.
 ZOO_CARDS = ("results/zoo/*.json", "results/zoo/logs/*.csv")
+# Stages that take longest (measured in `make book`: minutes each, the others seconds), slowest first: when
+# stages run side by side they start first, so that short ones fill the cores at the end.
+SLOWEST_FIRST = ("collaboration", "realizable", "laws", "merging_law", "diversity", "scaling")
 STAGE_INPUTS = {"oracle": (), "laws": ("data/published/*.csv",),
                 "gpus": ("results/benchmarks/*.json", "experiments/paper-scale.yaml"),
                 "scaling": (*ZOO_CARDS, "results/zoo/sweeps/*.json", "experiments/offline-llms.yaml",
@@ -449,8 +452,31 @@ def run(exp: Experiment, force: bool = False, log=print, ray: str | None = None)
 
     With `ray` (a cluster address, or 'local' for an instance on this machine), the models are scored
     in parallel as Ray tasks (mcl_utils.cluster) instead of one notebook after another."""
+    run_all([exp], force, log, ray)
+
+
+def run_all(exps: list[Experiment], force: bool = False, log=print, ray: str | None = None) -> None:
+    """Run several experiments: the training, scoring and merging study of each in turn (each uses every
+    core), then the analysis stages of all of them side by side, slowest first, then their status pages."""
+    stages = []
+    for exp in exps:
+        stages += pending_analyses(exp, prepare(exp, force, log, ray), force, log)
+    execute_stages(stages, log, named=len(exps) > 1)
+    changed = {exp.path for exp in (stage.exp for stage in stages)}
+    status = []
+    for exp in exps:
+        output = exp.book_dir / "status.ipynb"
+        if exp.path in changed or force or not output.exists():
+            status.append(Stage(exp, "status", NOTEBOOKS / "status.ipynb", output, None, ()))
+        else:
+            log("[status] cached" + (f" ({exp.name})" if len(exps) > 1 else ""))
+    execute_stages(status, log, named=len(exps) > 1)
+
+
+def prepare(exp: Experiment, force: bool = False, log=print, ray: str | None = None) -> dict[str, Path]:
+    """Everything before the analyses: train missing zoo models, score each model (and each sample's prefix,
+    where asked) unless cached, run the merging study unless current; the loss tables by label."""
     zoo.ensure_trained(exp.models, device=exp.scoring.device, force=force, log=log, jobs=os.cpu_count() or 1)
-    params = notebook_parameters(exp)
     tables = {}
     for part, corpus in experiment_corpora(exp).items():
         if ray is None:
@@ -466,18 +492,23 @@ def run(exp: Experiment, force: bool = False, log=print, ray: str | None = None)
             merging.run_study(exp.merging, exp.out_dir, force=force, jobs=os.cpu_count() or 1, log=log)
         else:
             log("[merge]  study cached")
-    ran_any = run_analyses(exp, tables, force, log)
-    status = exp.book_dir / "status.ipynb"
-    if ran_any or force or not status.exists():
-        seconds = execute(NOTEBOOKS / "status.ipynb", status, params)
-        log(f"[status] executed in {seconds:.0f} s")
-    else:
-        log("[status] cached")
+    return tables
 
 
-def run_analyses(exp: Experiment, tables: dict[str, Path], force: bool = False, log=print) -> bool:
-    """Execute each analysis stage that is not cached, side by side (one kernel per core: the stages are
-    independent notebooks); True when any ran. The first failure is raised once the others finish."""
+@dataclass(frozen=True)
+class Stage:
+    """One notebook to execute for an experiment: where it comes from and goes, its cache key and results."""
+
+    exp: Experiment
+    name: str
+    notebook: Path
+    output: Path
+    key: str | None
+    outputs: tuple[Path, ...]
+
+
+def pending_analyses(exp: Experiment, tables: dict[str, Path], force: bool = False, log=print) -> list[Stage]:
+    """The experiment's analysis stages that are not cached (each cached one is logged)."""
     pending = []
     for name in exp.analyses:
         notebook, output = NOTEBOOKS / f"{name}.ipynb", exp.book_dir / f"{name}.ipynb"
@@ -485,16 +516,25 @@ def run_analyses(exp: Experiment, tables: dict[str, Path], force: bool = False, 
         if not force and _is_cached(output, key, outputs):
             log(f"[{name}]  cached")
         else:
-            pending.append((name, notebook, output, key, outputs))
-    if not pending:
-        return False
-    params = notebook_parameters(exp)
-    with ThreadPoolExecutor(min(len(pending), os.cpu_count() or 1)) as pool:
-        running = {pool.submit(execute, notebook, output, params, key, outputs): name
-                   for name, notebook, output, key, outputs in pending}
+            pending.append(Stage(exp, name, notebook, output, key, outputs))
+    return pending
+
+
+def execute_stages(stages: list[Stage], log=print, named: bool = False) -> None:
+    """Execute stages side by side, one kernel per core, the slowest kinds first (so that the last to
+    start are short); the first failure is raised once the others finish. `named` adds each experiment's
+    name to the progress lines."""
+    if not stages:
+        return
+    slow_first = sorted(stages, key=lambda s: SLOWEST_FIRST.index(s.name) if s.name in SLOWEST_FIRST else
+                        len(SLOWEST_FIRST))
+    with ThreadPoolExecutor(min(len(stages), os.cpu_count() or 1)) as pool:
+        running = {pool.submit(execute, s.notebook, s.output, notebook_parameters(s.exp), s.key, s.outputs): s
+                   for s in slow_first}
         for done in as_completed(running):
-            log(f"[{running[done]}]  executed in {done.result():.0f} s")
-    return True
+            stage = running[done]
+            log(f"[{stage.name}]" + (" " if stage.name == "status" else "  ") + f"executed in {done.result():.0f} s"
+                + (f" ({stage.exp.name})" if named else ""))
 
 
 # ---------------------------------------------------------------- the status page

@@ -27,11 +27,11 @@ ERROR_MARKERS = ["Javascript Error", "Error loading script", "Traceback (most re
 @pytest.fixture(scope="module")
 def built_book(tmp_path_factory) -> Path:
     """Run the default experiment from committed results and build the book strictly."""
-    for experiment in ("experiments/offline-llms.yaml", "experiments/zoo.yaml", "experiments/merging.yaml"):
-        run = subprocess.run([BIN / "mcl", "run", experiment], cwd=REPO, capture_output=True, text=True)
-        assert run.returncode == 0, run.stderr[-3000:]
-        assert not any(word in run.stdout for word in ("scored", "trained in", "fine-tuned", "merges in")), \
-            "committed results must make training, scoring and merging unnecessary:\n" + run.stdout
+    experiments = ("experiments/offline-llms.yaml", "experiments/zoo.yaml", "experiments/merging.yaml")
+    run = subprocess.run([BIN / "mcl", "run", *experiments], cwd=REPO, capture_output=True, text=True)  # as make book
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert not any(word in run.stdout for word in ("scored", "trained in", "fine-tuned", "merges in")), \
+        "committed results must make training, scoring and merging unnecessary:\n" + run.stdout
     out = tmp_path_factory.mktemp("book")
     build = subprocess.run([BIN / "jupyter-book", "build", ".", "-W", "-n", "--keep-going", "--path-output",
                             str(out)], cwd=REPO, capture_output=True, text=True)

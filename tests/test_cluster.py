@@ -173,10 +173,11 @@ def test_cli_run_takes_ray_with_or_without_address(monkeypatch, tmp_path):
 
     calls = []
     monkeypatch.setattr(pipeline, "load_experiment", lambda path: path)
-    monkeypatch.setattr(pipeline, "run", lambda exp, force, ray: calls.append(ray))
+    monkeypatch.setattr(pipeline, "run_all", lambda exps, force, ray: calls.append((exps, ray)))
     for argv in (["x.yaml"], ["x.yaml", "--ray"], ["x.yaml", "--ray", "10.0.0.1:6379"]):
         assert main(["run", *argv]) == 0
-    assert calls == [None, "local", "10.0.0.1:6379"]
+    assert calls == [(["x.yaml"], None), (["x.yaml"], "local"), (["x.yaml"], "10.0.0.1:6379")]
+    assert main(["run", "x.yaml", "y.yaml"]) == 0 and calls[-1] == (["x.yaml", "y.yaml"], None)
 
 
 def test_run_with_ray_scores_then_runs_the_other_stages(ray_local, tmp_path, tiny_llama, tiny_gpt2):
