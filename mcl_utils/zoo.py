@@ -530,14 +530,16 @@ def _train_locked(model: ZooModel, rec: dict, run_dir: Path, dev: torch.device, 
                   log: Callable[[str], None]) -> dict:
     """train() under the run's lock: finish from the final weights, or (re)start the loop from a checkpoint."""
     tokenizer = _load_tokenizer(family_tokenizer(model.family))
-    net = build_model(model, tokenizer).to(dev)
     if (run_dir / "final" / TRAIN_STATE).exists():  # trained before: only the card is missing
-        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
 
-        net.load_state_dict(load_file(run_dir / "final" / "model.safetensors", device=str(dev)), strict=False)
-        net.tie_weights()
+        # from_pretrained, not load_state_dict: transformers renames some tensors on saving (GPT-NeoX's
+        # output head is saved as embed_out), and a silently unloaded head would score as random
+        net = AutoModelForCausalLM.from_pretrained(run_dir / "final", dtype=torch.float32,
+                                                   trust_remote_code=False).to(dev)
         state = json.loads((run_dir / "final" / TRAIN_STATE).read_text())
         return _finish(model, rec, net, run_dir / "final", state, dev, out, write, log)
+    net = build_model(model, tokenizer).to(dev)
     stream = TokenStream(model.family, rec["steps"] * rec["batch_rows"])
     state = _train_loop(model.name, model.family, rec, net, dev, run_dir, stream, checkpoint_every, progress,
                         stop_after, log)

@@ -106,6 +106,17 @@ def test_card_from_an_older_recipe_is_stale(tiny):
         zoo.identity("tinygpt2-s0")
 
 
+@pytest.mark.parametrize("name", ["tinyllama-s0", "tinygpt2-s0", "tinyneox-s0"])
+def test_card_rebuilt_from_final_weights_equals_the_first(tiny, name):
+    """A deleted card is rebuilt from the trained weights (as a sweep's side-by-side runs are) with the same
+    validation loss: every tensor loads, including GPT-NeoX's head, which transformers saves renamed."""
+    first = zoo.train(name, progress=False, log=lambda _: None)
+    zoo.card_path(name).unlink()
+    again = zoo.train(name, progress=False, log=lambda _: None)
+    assert again["weights_sha256"] == first["weights_sha256"]
+    assert again["val_bpb"] == pytest.approx(first["val_bpb"], rel=1e-6)
+
+
 @pytest.mark.parametrize("spec, message", [
     ("zoo:nosuch-s1", "unknown zoo family 'nosuch'"),
     ("zoo:llama-s99", "unknown zoo size 's99'"),
