@@ -106,7 +106,7 @@ def _zoo_sweep(args: argparse.Namespace) -> None:
         raise UserError(f"--lrs {args.lrs!r} is not a comma-separated list of numbers; fix: e.g. "
                         "--lrs 1e-3,3e-3,1e-2") from None
     sweep(args.family, args.sizes.split(","), lrs, device=str(resolve_device(args.device)),
-          progress=not args.no_progress, out=args.out and Path(args.out))
+          progress=not args.no_progress, out=args.out and Path(args.out), jobs=args.jobs)
 
 
 def _zoo_score(args: argparse.Namespace) -> None:
@@ -166,6 +166,8 @@ def _add_zoo_parser(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("--sizes", default="s1,s3", help="comma-separated sizes (default: s1,s3)")
     sweep.add_argument("--lrs", default="1e-3,2e-3,4e-3,8e-3,1.6e-2,3.2e-2",
                        help="comma-separated peak learning rates (default: 1e-3 to 3.2e-2 in factors of 2)")
+    sweep.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                       help="runs trained side by side on a CPU, one thread each (default: CPU cores)")
     score = zsub.add_parser("score", help="score an experiment's zoo models on its corpus (no notebooks)",
                             description="Score every zoo model of an experiment file on the experiment's corpus "
                             "with its scoring settings, into results/losses/ (as `mcl run` would, without "

@@ -462,7 +462,7 @@ def run_all(exps: list[Experiment], force: bool = False, log=print, ray: str | N
     for exp in exps:
         stages += pending_analyses(exp, prepare(exp, force, log, ray), force, log)
     execute_stages(stages, log, named=len(exps) > 1)
-    changed = {exp.path for exp in (stage.exp for stage in stages)}
+    changed = {stage.exp.path for stage in stages}
     status = []
     for exp in exps:
         output = exp.book_dir / "status.ipynb"

@@ -150,13 +150,15 @@ def test_bad_zoo_sections_give_one_line_errors(section, message):
 
 def test_zoo_experiments_are_well_formed():
     """The default, classroom and GPU zoos expand and the default meets the issue's shape: 3 families that
-    differ in architecture, tokenizer and mixture, 6+ sizes over 1.5+ decades, 3 seeds at 2+ sizes."""
+    differ in architecture, tokenizer (algorithm or vocabulary size) and mixture, 6+ sizes over 1.5+ decades,
+    3 seeds at 2+ sizes."""
     default = zoo.experiment_models(REPO / "experiments" / "zoo.yaml")
     families = {zoo.parse_name(s).family.name for s in default}
     assert len(families) >= 3
     assert len({(f.architecture, f.tokenizer, f.mixture) for f in (zoo.FAMILIES[n] for n in families)}) == 3
     assert len({zoo.FAMILIES[n].architecture for n in families}) == 3
-    assert len({zoo.FAMILIES[n].tokenizer for n in families}) == 3
+    assert len({(zoo.FAMILIES[n].tokenizer, zoo.FAMILIES[n].vocab_size) for n in families}) == 3  # three vocabularies
+    assert len({zoo.FAMILIES[n].mixture for n in families}) == 3
     for family in families:
         sizes = {zoo.parse_name(s).size_name for s in default if zoo.parse_name(s).family.name == family}
         non_embedding = [zoo.count_model(zoo.parse_name(f"{family}-{s}"))[1] for s in sizes]
