@@ -38,14 +38,26 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed writer
-        stale.unlink(missing_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed writer, not one still writing
+        if not _pid_alive(stale.name.rsplit("-", 1)[-1]):
+            stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: str) -> bool:
+    """Whether a process with this id (a temporary file's suffix) is running on this machine."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def cache_root() -> Path:

@@ -209,12 +209,20 @@ def _train_tokenizer(family: Family, texts: Iterable[str]) -> object:
 
 def family_tokenizer(family: Family) -> Path:
     """The family's tokenizer directory (trained once on its training text, cached by its recipe)."""
-    from transformers import PreTrainedTokenizerFast
-
     recipe_hash = hashlib.sha256(canonical_json(tokenizer_recipe(family)).encode()).hexdigest()[:16]
     path = cache_root() / "zoo" / "tokenizers" / f"{family.name}-{recipe_hash}"
     if (path / "tokenizer.json").exists():
         return path
+    with file_lock(path):  # processes training side by side wait for the first to train it
+        if not (path / "tokenizer.json").exists():
+            _save_tokenizer(family, path)
+    return path
+
+
+def _save_tokenizer(family: Family, path: Path) -> None:
+    """Train the family's tokenizer, check that it round-trips its training text, save it atomically."""
+    from transformers import PreTrainedTokenizerFast
+
     texts = [t for d, _ in family.mixture for t in training_documents(d)["text"]]
     tok = _train_tokenizer(family, texts)
     sample = "\n".join(texts[:: max(1, len(texts) // 200)])
@@ -224,11 +232,11 @@ def family_tokenizer(family: Family) -> Path:
         raise UserError(f"the {family.tokenizer} tokenizer of family {family.name} does not round-trip its own "
                         "training text; fix: use a byte-level pre-tokenizer (this is a bug to report)")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)  # the context comes from the model config
+    for stale in path.parent.glob(f"{path.name}.tmp-*"):  # left by a killed writer (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     fast.save_pretrained(tmp)
     os.replace(tmp, path)
-    return path
 
 
 def _load_tokenizer(path: Path) -> object:

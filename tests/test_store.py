@@ -41,6 +41,16 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_atomic_write_removes_a_dead_writers_temporary_file_not_a_live_ones(tmp_path):
+    """A killed writer's temporary file is cleaned up; one of a process still writing is left alone."""
+    target = tmp_path / "t.parquet"
+    dead, live = tmp_path / ".t.parquet.tmp-999999999", tmp_path / ".t.parquet.tmp-1"  # pid 1 always runs
+    dead.write_bytes(b"x"), live.write_bytes(b"x")
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "t.parquet"]
+
+
 def test_invalid_losses_are_refused_before_writing(tmp_path):
     """NaN, infinite or negative losses never reach disk."""
     for bad in (np.nan, np.inf, -1.0):

@@ -58,6 +58,20 @@ def test_same_seed_same_weights_other_seed_differs(tiny):
     assert zoo.train("tinygpt2-s0-s1", progress=False, log=lambda _: None)["weights_sha256"] != first
 
 
+def test_processes_side_by_side_train_one_tokenizer(tiny):
+    """Two processes that need a family's tokenizer at once both get it, trained once, nothing left over."""
+    code = ("import sys; sys.path.insert(0, %r); from tests import tiny_zoo; tiny_zoo.install(%r); "
+            "from mcl_utils import zoo; print(zoo.family_tokenizer(zoo.FAMILIES['tinyllama']))"
+            % (str(REPO), str(tiny / "results")))
+    env = {**os.environ, "MCL_CACHE": str(tiny / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    paths = {proc.communicate(timeout=300)[0].strip() for proc in procs}
+    assert [proc.returncode for proc in procs] == [0, 0] and len(paths) == 1
+    tokenizers = tiny / "cache" / "zoo" / "tokenizers"
+    assert [p.name for p in tokenizers.iterdir()] == [Path(paths.pop()).name]
+
+
 def test_kill_during_training_then_resume_gives_identical_weights(tiny):
     """kill -9 after a checkpoint, then resume: the weights equal those of an uninterrupted run."""
     name = "tinyneox-s1"
