@@ -50,7 +50,8 @@ ZOO_CARDS = ("results/zoo/*.json", "results/zoo/logs/*.csv")
 SLOWEST_FIRST = ("collaboration", "realizable", "laws", "merging_law", "diversity", "scaling")
 STAGE_INPUTS = {"oracle": (), "laws": ("data/published/*.csv",),
                 "gpus": ("results/benchmarks/*.json", "experiments/paper-scale.yaml"),
-                "scaling": (*ZOO_CARDS, "results/zoo/sweeps/*.json", "experiments/offline-llms.yaml",
+                # cards, sweeps and the probes the chapter reads (recipe-v1/, gpt2-bytes/, gpt2-depth3/)
+                "scaling": (*ZOO_CARDS, "results/zoo/**/*.json", "experiments/offline-llms.yaml",
                             "results/losses/*.parquet"),
                 "collaboration": ZOO_CARDS, "diversity": ZOO_CARDS,
                 "realizable": (*ZOO_CARDS, "results/zoo-laws/token_mixtures.json"),

@@ -197,6 +197,23 @@ def test_stage_key_covers_published_data(tmp_path, monkeypatch):
     assert pipeline.analysis_key(exp, oracle_nb, {}) == keys[1]
 
 
+def test_scaling_key_covers_the_probe_folders_it_reads(tmp_path, monkeypatch):
+    """Editing a card in a subfolder of results/zoo/ (a retired family, a probe) changes the scaling key."""
+    root = tmp_path / "repo"
+    card = root / "results" / "zoo" / "gpt2-bytes" / "gpt2-s0.json"
+    card.parent.mkdir(parents=True)
+    card.write_text('{"val_bpb": 3.5}')
+    exp_path = tmp_path / "e.yaml"
+    exp_path.write_text(yaml.safe_dump({"name": "e", "models": ["dir:x"]}))
+    exp = pipeline.load_experiment(exp_path)
+    monkeypatch.setattr(pipeline, "REPO_ROOT", root)
+    notebook = tmp_path / "scaling.ipynb"
+    notebook.write_text("{}")
+    key = pipeline.analysis_key(exp, notebook, {})
+    card.write_text('{"val_bpb": 3.4}')
+    assert pipeline.analysis_key(exp, notebook, {}) != key
+
+
 def test_every_data_file_a_notebook_reads_is_a_declared_input():
     """Each `data/...` path named in an analysis notebook matches one of its stage's input patterns."""
     import fnmatch
