@@ -3,6 +3,7 @@ checkpoints that resume bit-identically, zoo cards, the learning-rate sweep and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -14,7 +15,7 @@ import platform
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -530,8 +531,21 @@ def train(name: str, device: str = "cpu", out: Path | None = None, lr: float | N
         torch.set_num_threads(threads)
     rec = recipe(model, lr)
     run_dir = checkpoint_dir(model, rec)
-    with file_lock(run_dir):  # a second process training the same run waits, then finds it trained
+    with file_lock(run_dir), _hf_progress_bars(progress):  # a second process training it waits, then finds it
         return _train_locked(model, rec, run_dir, dev, out, checkpoint_every, progress, stop_after, write, log)
+
+
+@contextlib.contextmanager
+def _hf_progress_bars(enabled: bool) -> Iterator[None]:
+    """Show transformers' own progress bars (saving and loading weights) only when ours are shown."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled and was else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 def _train_locked(model: ZooModel, rec: dict, run_dir: Path, dev: torch.device, out: Path | None,
