@@ -177,41 +177,26 @@ def test_analysis_outputs_are_checked_before_reuse(tmp_path, tiny_llama, tiny_gp
     assert oracle_line() == "[oracle]  cached"
 
 
-def test_stage_key_covers_published_data(tmp_path, monkeypatch):
-    """Editing a data/published/*.csv file the laws stage reads changes its key; the oracle's is unmoved."""
+@pytest.mark.parametrize("stage, relative", [("laws", "data/published/fits.csv"),
+                                             ("scaling", "results/zoo/gpt2-bytes/gpt2-s0.json")])
+def test_stage_key_covers_the_files_it_reads(tmp_path, monkeypatch, stage, relative):
+    """Editing a file a stage reads (published data; a probe card in a subfolder of results/zoo/) changes
+    that stage's key; the oracle stage's, which does not read it, is unmoved."""
     root = tmp_path / "repo"
-    (root / "data" / "published").mkdir(parents=True)
-    csv = root / "data" / "published" / "fits.csv"
-    csv.write_text("source,E\nx,1.69\n")
+    path = root / relative
+    path.parent.mkdir(parents=True)
+    path.write_text("first")
     exp_path = tmp_path / "e.yaml"
     exp_path.write_text(yaml.safe_dump({"name": "e", "models": ["dir:x"]}))
     exp = pipeline.load_experiment(exp_path)
     monkeypatch.setattr(pipeline, "REPO_ROOT", root)
-    notebook = tmp_path / "laws.ipynb"
-    notebook.write_text("{}")
-    oracle_nb = tmp_path / "oracle.ipynb"
-    oracle_nb.write_text("{}")
-    keys = (pipeline.analysis_key(exp, notebook, {}), pipeline.analysis_key(exp, oracle_nb, {}))
-    csv.write_text("source,E\nx,1.70\n")
-    assert pipeline.analysis_key(exp, notebook, {}) != keys[0]
-    assert pipeline.analysis_key(exp, oracle_nb, {}) == keys[1]
-
-
-def test_scaling_key_covers_the_probe_folders_it_reads(tmp_path, monkeypatch):
-    """Editing a card in a subfolder of results/zoo/ (a retired family, a probe) changes the scaling key."""
-    root = tmp_path / "repo"
-    card = root / "results" / "zoo" / "gpt2-bytes" / "gpt2-s0.json"
-    card.parent.mkdir(parents=True)
-    card.write_text('{"val_bpb": 3.5}')
-    exp_path = tmp_path / "e.yaml"
-    exp_path.write_text(yaml.safe_dump({"name": "e", "models": ["dir:x"]}))
-    exp = pipeline.load_experiment(exp_path)
-    monkeypatch.setattr(pipeline, "REPO_ROOT", root)
-    notebook = tmp_path / "scaling.ipynb"
-    notebook.write_text("{}")
-    key = pipeline.analysis_key(exp, notebook, {})
-    card.write_text('{"val_bpb": 3.4}')
-    assert pipeline.analysis_key(exp, notebook, {}) != key
+    notebooks = [tmp_path / f"{name}.ipynb" for name in (stage, "oracle")]
+    for notebook in notebooks:
+        notebook.write_text("{}")
+    keys = [pipeline.analysis_key(exp, notebook, {}) for notebook in notebooks]
+    path.write_text("second")
+    assert pipeline.analysis_key(exp, notebooks[0], {}) != keys[0]
+    assert pipeline.analysis_key(exp, notebooks[1], {}) == keys[1]
 
 
 def test_every_data_file_a_notebook_reads_is_a_declared_input():
