@@ -40,5 +40,7 @@ book: setup
 	$(BIN)/jupyter-book build . -W -n --keep-going
 	@echo "The book is at $(CURDIR)/_build/html/index.html"
 
+# The executed notebooks in book/generated/ are committed (a fresh clone re-executes only the stages whose
+# inputs changed); `mcl run --force` re-executes them all.
 clean:
-	rm -rf _build book/generated
+	rm -rf _build

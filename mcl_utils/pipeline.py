@@ -306,7 +306,7 @@ def _hide_parameter_cells(path: Path, key: str | None, outputs: tuple[Path, ...]
     if missing:
         raise UserError(f"notebook {path.name} ran but did not write {missing}; fix: make it write them")
     if key is not None:
-        nb.metadata["mcl"] = {"cache_key": key, "outputs": {str(p): sha256_file(p) for p in outputs}}
+        nb.metadata["mcl"] = {"cache_key": key, "outputs": {repo_relative(p): sha256_file(p) for p in outputs}}
     nbformat.write(nb, path)
 
 
@@ -382,6 +382,13 @@ def _source_fingerprint() -> str:
     return h.hexdigest()
 
 
+def repo_relative(path: Path) -> str:
+    """A path as keys and records name it: relative to the repository where it lies inside it, so that the
+    executed notebooks committed in one clone are current in another."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT.resolve())) if path.is_relative_to(REPO_ROOT.resolve()) else str(path)
+
+
 def _stage_input_files(exp: Experiment, name: str) -> list[Path]:
     """Every file an analysis stage reads besides the loss tables: the corpus file and its own inputs."""
     corpus = exp.corpus.source
@@ -401,7 +408,7 @@ def analysis_key(exp: Experiment, notebook: Path, tables: dict[str, Path]) -> st
                "experiment": hashlib.sha256(exp.path.read_bytes()).hexdigest(),
                "tables": {m: [prov["cache_key"], prov.get(CONTENT_KEY)]
                           for m, prov in ((m, read_provenance(p)) for m, p in tables.items())},
-               "files": {str(f): sha256_file(f) for f in _stage_input_files(exp, name)},
+               "files": {repo_relative(f): sha256_file(f) for f in _stage_input_files(exp, name)},
                "library": _source_fingerprint()}
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
@@ -417,8 +424,8 @@ def _is_cached(path: Path, key: str, outputs: tuple[Path, ...]) -> bool:
         return False
     meta = nbformat.read(path, as_version=4).metadata.get("mcl", {})
     recorded = meta.get("outputs", {})
-    return meta.get("cache_key") == key and set(recorded) == {str(p) for p in outputs} and all(
-        p.is_file() and sha256_file(p) == recorded[str(p)] for p in outputs)
+    return meta.get("cache_key") == key and set(recorded) == {repo_relative(p) for p in outputs} and all(
+        p.is_file() and sha256_file(p) == recorded[repo_relative(p)] for p in outputs)
 
 
 def notebook_parameters(exp: Experiment) -> dict:
@@ -571,8 +578,7 @@ def provenance_report(paths: dict[str, Path]) -> pd.DataFrame:
     rows = []
     for spec, path in paths.items():
         prov = read_provenance(path)
-        rows.append({"model": spec, "file": str(path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT)
-                                                else path),
+        rows.append({"model": spec, "file": repo_relative(path),
                      "revision / sha256": prov["model"]["revision"][:16], "dtype": prov["model"]["dtype"],
                      "corpus fingerprint": prov["corpus"]["fingerprint"][:16],
                      "samples": prov["corpus"]["n_samples"], "device": prov["device"],

@@ -199,6 +199,24 @@ def test_stage_key_covers_the_files_it_reads(tmp_path, monkeypatch, stage, relat
     assert pipeline.analysis_key(exp, notebooks[1], {}) == keys[1]
 
 
+def test_stage_key_is_the_same_in_every_clone(tmp_path, monkeypatch):
+    """Two clones at different paths give a stage the same key, so executed notebooks committed in one
+    are current in the other."""
+    exp_path = tmp_path / "e.yaml"
+    exp_path.write_text(yaml.safe_dump({"name": "e", "models": ["dir:x"]}))
+    exp = pipeline.load_experiment(exp_path)
+    notebook = tmp_path / "scaling.ipynb"
+    notebook.write_text("{}")
+    keys = []
+    for clone in ("here", "elsewhere"):
+        card = tmp_path / clone / "results" / "zoo" / "llama-s0.json"
+        card.parent.mkdir(parents=True)
+        card.write_text("{}")
+        monkeypatch.setattr(pipeline, "REPO_ROOT", tmp_path / clone)
+        keys.append(pipeline.analysis_key(exp, notebook, {}))
+    assert keys[0] == keys[1]
+
+
 def test_every_data_file_a_notebook_reads_is_a_declared_input():
     """Each `data/...` path named in an analysis notebook matches one of its stage's input patterns."""
     import fnmatch
