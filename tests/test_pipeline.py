@@ -106,13 +106,13 @@ def test_default_experiment_is_valid():
 
 
 def test_merging_experiments_are_valid():
-    """The merging study (4 sizes spanning a decade of non-embedding parameters, 6 domains) and its
+    """The merging study (5 sizes spanning a decade of non-embedding parameters, 6 domains) and its
     classroom tier (2 sizes, 4 domains) load, their bases are the experiments' zoo models."""
     from mcl_utils import zoo
 
     root = Path(__file__).resolve().parent.parent / "experiments"
     study, classroom = (load_experiment(root / f) for f in ("merging.yaml", "merging-classroom.yaml"))
-    for exp, n_sizes, n_domains in ((study, 4, 6), (classroom, 2, 4)):
+    for exp, n_sizes, n_domains in ((study, 5, 6), (classroom, 2, 4)):
         assert len(exp.merging.sizes) == n_sizes and len(exp.merging.domains) == n_domains
         assert {f"zoo:{b}" for b in exp.merging.bases} == set(exp.models)
     params = [zoo.count_model(zoo.parse_name(b))[1] for b in study.merging.bases]
