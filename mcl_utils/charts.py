@@ -123,13 +123,14 @@ def family_scaling(points: pd.DataFrame, curves: pd.DataFrame, x_title: str) -> 
     return (line + dots).properties(title="Each family's models and its fitted law", width=460, height=300)
 
 
-def training_curves(logs: pd.DataFrame) -> alt.Chart:
-    """Training loss against tokens seen, one panel per family (columns: tokens, loss_nats, family, size,
-    model); losses are per token of each family's own tokenizer, so the panels do not share a y axis."""
+def training_curves(logs: pd.DataFrame, color: str = "size") -> alt.Chart:
+    """Training loss against tokens seen, one panel per family, one line per value of `color` (columns:
+    tokens, loss_nats, family, model and `color`); losses are per token of each family's own tokenizer, so
+    the panels do not share a y axis."""
     return alt.Chart(logs).mark_line(strokeWidth=1.5).encode(
         x=alt.X("tokens:Q", title="tokens seen", scale=alt.Scale(type="log")),
         y=alt.Y("loss_nats:Q", title="training loss (nats per token)", scale=alt.Scale(zero=False)),
-        color=alt.Color("size:N", title="size"), detail="model:N",
+        color=alt.Color(f"{color}:N", title=color, sort=None), detail="model:N",
         tooltip=["model", alt.Tooltip("tokens:Q", format=","), alt.Tooltip("loss_nats:Q", format=".3f")],
     ).properties(width=230, height=200).facet(column=alt.Column("family:N", title=None)).resolve_scale(
         y="independent").properties(title="Training curves (mean loss over each 10 steps)")

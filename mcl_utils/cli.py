@@ -83,11 +83,14 @@ def _run(args: argparse.Namespace) -> None:
 
 def _zoo_train(args: argparse.Namespace) -> None:
     """Run `mcl zoo train`: print the budget, then train every listed model whose card is missing or stale."""
-    from mcl_utils.zoo import budget_table, card_path, ensure_trained, resolve_targets
+    from mcl_utils.zoo import budget_table, card_path, ensure_trained, resolve_targets, wall_time_s
 
     names = resolve_targets(args.targets)
     if args.budget_only:
-        print(budget_table(names, _device_kind(args.device)).to_string(index=False))
+        kind = _device_kind(args.device)
+        budget = budget_table(names, kind)
+        jobs = args.jobs if kind == "cpu" else 1
+        print(f"{budget.to_string(index=False)}\nabout {wall_time_s(budget, jobs) / 60:.0f} min, {jobs} at a time")
         return
     ensure_trained([f"zoo:{n}" for n in names], device=args.device, force=args.force,
                    progress=not args.no_progress, out=args.out and Path(args.out), threads=args.threads,

@@ -11,9 +11,7 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import platform
-import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,13 +236,10 @@ def save_merge(out: Path, base_dir: Path, expert_dirs: Sequence[Path], operator:
     card = {**operator.card(), "base": {"path": str(base_dir), "sha256": sha256_file(base_dir / "model.safetensors")},
             "experts": [{"path": str(d), "sha256": sha256_file(Path(d) / "model.safetensors")} for d in expert_dirs],
             "merging_version": MERGING_VERSION, "created_utc": _now()}
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    net.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False).save_pretrained(tmp)
-    (tmp / "mcl-merge.json").write_text(strict_json(card))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_path(out, folder=True) as tmp:
+        net.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False).save_pretrained(tmp)
+        (tmp / "mcl-merge.json").write_text(strict_json(card))
     return card
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from mcl_utils.errors import UserError
-from mcl_utils.store import cache_root, file_lock
+from mcl_utils.store import atomic_path, cache_root, file_lock
 
 # The dequantized checkpoint's list of its files and their sha256, verified before each use.
 MANIFEST = "mcl-manifest.json"
@@ -209,15 +209,6 @@ def _gguf_source_files(name: str) -> list[Path]:
     return paths
 
 
-def _remove_stale_temps(target: Path) -> None:
-    """Remove temporary siblings of a cache entry left by killed writers (call with its lock held)."""
-    for stale in target.parent.glob(f"{target.name}.tmp-*"):
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
-
-
 def gguf_file(name: str) -> Path:
     """The verified GGUF file of an offline model (parts concatenated once into the cache, and again
     whenever the cached concatenation no longer matches its pinned sha256)."""
@@ -229,15 +220,11 @@ def gguf_file(name: str) -> Path:
     else:
         path = cache_root() / "gguf" / f"{name}.gguf"
         with file_lock(path):
-            _remove_stale_temps(path)
             if not (path.exists() and _sha256_of(path) == pkg.sha256):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-                with open(tmp, "wb") as out:
+                with atomic_path(path) as tmp, open(tmp, "wb") as out:
                     for part in parts:
                         with open(part, "rb") as f:
                             shutil.copyfileobj(f, out)
-                os.replace(tmp, path)
             digest = _sha256_of(path)
             if digest != pkg.sha256:
                 path.unlink()
@@ -278,21 +265,14 @@ def dequantized_checkpoint(name: str) -> Path:
     pkg = OFFLINE_MODELS[name]
     target = cache_root() / "dequantized" / f"{name}-{pkg.sha256[:16]}"
     with file_lock(target):
-        _remove_stale_temps(target)
         if _manifest_matches(target):
             return target
-        shutil.rmtree(target, ignore_errors=True)  # absent, damaged or unverifiable: rebuild it
-        src = gguf_file(name)
-        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        src = gguf_file(name)  # absent, damaged or unverifiable: rebuild it
+        with atomic_path(target, folder=True) as tmp:
             _dequantize(src, tmp)
             (tmp / "mcl-source.json").write_text(json.dumps({"gguf": src.name, "sha256": pkg.sha256}))
             files = dict(_file_hashes(tmp, _file_stats(tmp, exclude=(MANIFEST,))))
             (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -50,9 +50,10 @@ ZOO_CARDS = ("results/zoo/*.json", "results/zoo/logs/*.csv")
 SLOWEST_FIRST = ("collaboration", "realizable", "laws", "merging_law", "diversity", "scaling")
 STAGE_INPUTS = {"oracle": (), "laws": ("data/published/*.csv",),
                 "gpus": ("results/benchmarks/*.json", "experiments/paper-scale.yaml"),
-                # cards, sweeps and the probes the chapter reads (recipe-v1/, gpt2-bytes/, gpt2-depth3/)
-                "scaling": (*ZOO_CARDS, "results/zoo/**/*.json", "experiments/offline-llms.yaml",
-                            "results/losses/*.parquet"),
+                # cards, logs, sweeps and the probes the chapter reads (recipe-v1/, gpt2-bytes/, gpt2-depth3/,
+                # gpt2-v2/ with its loss tables)
+                "scaling": ("results/zoo/**/*.json", "results/zoo/**/*.csv", "results/zoo/**/*.parquet",
+                            "experiments/offline-llms.yaml", "results/losses/*.parquet"),
                 "collaboration": ZOO_CARDS, "diversity": ZOO_CARDS,
                 "realizable": (*ZOO_CARDS, "results/zoo-laws/token_mixtures.json"),
                 # the merging stages also read every file of their experiment's study (merging.study_files)
@@ -248,13 +249,24 @@ def token_mixtures(exp: Experiment, progress: bool = True, log=print) -> Path:
     """Per-token mixtures of each zoo family's seed-0 models (which share a tokenizer): every sample's NLL
     under the uniform mixture of the members' next-token probabilities and under the mixture whose weights
     EM fits on the other folds' samples, written with provenance to results/<experiment>/token_mixtures.json.
-    Per-token losses are cached under the cache root (large, never committed)."""
+    Per-token losses are cached under the cache root (large, never committed); a family whose models' loss
+    tables are those the file already holds is kept from it, so only changed families need their weights."""
     corpus = experiment_corpus(exp)
     matrix, _, _ = experiment_matrix(exp)
     cards = zoo.cards_table(matrix.models)
+    inputs = {m: p["cache_key"] for m, p in zip(matrix.models, matrix.provenance)}
+    path = exp.out_dir / TOKEN_MIXTURES
+    before = json.loads(path.read_text()) if path.exists() else {}
     families = {}
     for family, group in cards[cards["seed"] == 0].groupby("family", sort=False):
         columns = group.index.to_numpy()
+        kept = before.get("families", {}).get(family)
+        if (kept and kept["models"] == [matrix.models[j] for j in columns] and before["n_folds"] == realizable.N_FOLDS
+                and before["sample_ids"] == matrix.sample_ids.tolist()
+                and all(before["inputs"].get(m) == inputs[m] for m in kept["models"])):
+            families[family] = kept
+            log(f"[mix]  {family}: cached ({path.name})")
+            continue
         if len({tuple(matrix.n_tokens[:, j]) for j in columns}) != 1:
             raise UserError(f"the {family} models tokenize the samples differently; fix: give the family one "
                             "tokenizer")
@@ -273,10 +285,8 @@ def token_mixtures(exp: Experiment, progress: bool = True, log=print) -> Path:
                             "uniform_nll_nats": [realizable.token_mixture_nll(x, uniform) for x in per_sample],
                             "em_nll_nats": em.tolist()}
         log(f"[mix]  {family}: {len(columns)} models, EM weights {np.round(weights, 3).tolist()}")
-    path = exp.out_dir / TOKEN_MIXTURES
     write_json(path, {"experiment": experiment_summary(exp), "sample_ids": matrix.sample_ids.tolist(),
-                      "n_folds": realizable.N_FOLDS, "families": families,
-                      "inputs": {m: p["cache_key"] for m, p in zip(matrix.models, matrix.provenance)},
+                      "n_folds": realizable.N_FOLDS, "families": families, "inputs": inputs,
                       "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return path
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,19 +35,32 @@ LOSS_SCHEMA = pa.schema([
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds."""
+def atomic_path(path: Path, folder: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` for the block to write (a file, or a folder when `folder`); it
+    replaces `path` only if the block succeeds. Temporaries of dead writers are removed first, those of live
+    ones are left alone."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed writer, not one still writing
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
         if not _pid_alive(stale.name.rsplit("-", 1)[-1]):
-            stale.unlink(missing_ok=True)
+            _remove(stale)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _remove(tmp)
     try:
         yield tmp
+        if folder:
+            _remove(path)  # os.replace cannot rename onto a folder that has files
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a folder tree, if present."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: str) -> bool:

@@ -178,10 +178,12 @@ def test_analysis_outputs_are_checked_before_reuse(tmp_path, tiny_llama, tiny_gp
 
 
 @pytest.mark.parametrize("stage, relative", [("laws", "data/published/fits.csv"),
-                                             ("scaling", "results/zoo/gpt2-bytes/gpt2-s0.json")])
+                                             ("scaling", "results/zoo/gpt2-bytes/gpt2-s0.json"),
+                                             ("scaling", "results/zoo/gpt2-v2/logs/gpt2-s3.csv"),
+                                             ("scaling", "results/zoo/gpt2-v2/losses/gpt2-s3--0.parquet")])
 def test_stage_key_covers_the_files_it_reads(tmp_path, monkeypatch, stage, relative):
-    """Editing a file a stage reads (published data; a probe card in a subfolder of results/zoo/) changes
-    that stage's key; the oracle stage's, which does not read it, is unmoved."""
+    """Editing a file a stage reads (published data; a probe's card, log or loss table in a subfolder of
+    results/zoo/) changes that stage's key; the oracle stage's, which does not read it, is unmoved."""
     root = tmp_path / "repo"
     path = root / relative
     path.parent.mkdir(parents=True)

@@ -51,6 +51,24 @@ def test_atomic_write_removes_a_dead_writers_temporary_file_not_a_live_ones(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "t.parquet"]
 
 
+def test_atomic_folder_replaces_the_old_one_and_clears_a_dead_writers_folder(tmp_path):
+    """A folder written atomically replaces the previous version whole; a killed writer's half-written
+    folder is removed, and a failed write leaves the previous version in place."""
+    target = tmp_path / "final"
+    (tmp_path / ".final.tmp-999999999").mkdir()
+    (tmp_path / ".final.tmp-999999999" / "half").write_text("x")
+    for version in ("1", "2"):
+        with atomic_path(target, folder=True) as tmp:
+            tmp.mkdir()
+            (tmp / f"weights-{version}").write_text(version)
+    with pytest.raises(RuntimeError), atomic_path(target, folder=True) as tmp:
+        tmp.mkdir()
+        (tmp / "weights-3").write_text("3")
+        raise RuntimeError("killed")
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
+    assert [p.name for p in target.iterdir()] == ["weights-2"]
+
+
 def test_invalid_losses_are_refused_before_writing(tmp_path):
     """NaN, infinite or negative losses never reach disk."""
     for bad in (np.nan, np.inf, -1.0):

@@ -33,8 +33,9 @@ def tiny(tmp_path, monkeypatch):
 
 
 def test_tiny_zoo_trains_and_scores(tiny):
-    """2 families x 2 sizes train (cards, logs, loss falls) and score as zoo: specs on Brown."""
-    specs = zoo.expand({"families": ["tinyllama", "tinygpt2"], "sizes": ["s0", "s1"]})
+    """3 families x 2 sizes train (cards, logs, loss falls) and score as zoo: specs on Brown; the scorer
+    reads each one's training context from its config (ALiBi's too, which has no position table)."""
+    specs = zoo.expand({"families": ["tinyllama", "tinygpt2", "tinybloom"], "sizes": ["s0", "s1"]})
     zoo.ensure_trained(specs, device="cpu", progress=False, log=lambda _: None)
     corpus = load_corpus(CorpusSpec(n_samples=8))
     for spec in specs:
@@ -46,7 +47,7 @@ def test_tiny_zoo_trains_and_scores(tiny):
         assert losses[-1] < losses[0] and card["val_nats_per_token"] < math.log(card["config"]["vocab_size"])
         table, prov = read_loss_table(score_model(spec, corpus, tiny / "losses", ScoringSettings(device="cpu")))
         assert len(table) == 8 and prov["model_identity"]["sha256"] == card["weights_sha256"]
-        assert prov["model"]["family"] == card["family"]
+        assert prov["model"]["family"] == card["family"] and prov["model"]["context_length"] == 32
 
 
 def test_same_seed_same_weights_other_seed_differs(tiny):
@@ -196,6 +197,14 @@ def test_sweep_records_runs_and_fits_a_rule(tiny):
         zoo.peak_lr(zoo.FAMILIES["tinygpt2"], 16, result["rule"]))
 
 
+def test_wall_time_packs_the_longest_runs_first():
+    """Runs of 3, 2, 2 and 1 s take 8 s one at a time and 4 s two at a time (3+1 beside 2+2)."""
+    import pandas as pd
+
+    budget = pd.DataFrame({"model": ["a", "b", "c", "d", "total"], "est_s": [2.0, 3.0, 1.0, 2.0, 8.0]})
+    assert zoo.wall_time_s(budget, 1) == 8.0 and zoo.wall_time_s(budget, 2) == 4.0
+
+
 def test_fit_lr_rule_finds_the_minimum_of_each_width_and_the_power_between_them():
     """A loss parabola in log lr with its minimum at 8e-3 (width 16) and 2e-3 (width 64): exponent 1."""
     def runs(best):
@@ -240,3 +249,33 @@ def test_parallel_training_gives_the_weights_of_serial_training(tiny, monkeypatc
     parallel = {s: zoo.read_card(s.removeprefix("zoo:"))["weights_sha256"] for s in specs}
     zoo.ensure_trained(specs, device="cpu", progress=False, log=lambda _: None, force=True, threads=1)
     assert {s: zoo.read_card(s.removeprefix("zoo:"))["weights_sha256"] for s in specs} == parallel
+
+
+def test_token_mixtures_recompute_only_families_whose_tables_changed(tiny, monkeypatch):
+    """`mcl zoo mix` keeps a family's mixtures while its models' loss tables are those the file was built
+    from, so a changed family is recomputed without running the others (whose weights may be gone)."""
+    from mcl_utils import pipeline
+
+    path = tiny / "mix.yaml"
+    path.write_text(json.dumps({"name": "mix", "models": [], "analyses": [],
+                                "zoo": {"families": ["tinyllama", "tinygpt2"], "sizes": ["s0", "s1"]},
+                                "corpus": {"source": "brown", "n_samples": 8}, "scoring": {"device": "cpu"}}))
+    exp = pipeline.load_experiment(path, results_dir=tiny / "results", generated_dir=tiny / "generated")
+    zoo.ensure_trained(exp.models, device="cpu", progress=False, log=lambda _: None)
+    for spec in exp.models:  # in this process, where the tiny families are installed
+        score_model(spec, pipeline.experiment_corpus(exp), exp.losses_dir, exp.scoring, progress=False)
+    runs: list[str] = []
+    real = pipeline.cached_token_losses
+    monkeypatch.setattr(pipeline, "cached_token_losses", lambda spec, *a, **k: runs.append(spec) or real(spec, *a, **k))
+    first = json.loads(pipeline.token_mixtures(exp, progress=False, log=lambda _: None).read_text())
+    assert len(runs) == 4 and set(first["families"]) == {"tinyllama", "tinygpt2"}
+    runs.clear()
+    lines: list[str] = []
+    again = pipeline.token_mixtures(exp, progress=False, log=lines.append)
+    assert runs == [] and sum("cached" in line for line in lines) == 2
+    stale = json.loads(again.read_text())
+    stale["inputs"]["zoo:tinygpt2-s0"] = "an older table"
+    again.write_text(json.dumps(stale))
+    assert json.loads(pipeline.token_mixtures(exp, progress=False, log=lambda _: None).read_text()) == {
+        **first, "created_utc": json.loads(again.read_text())["created_utc"]}
+    assert runs == ["zoo:tinygpt2-s0", "zoo:tinygpt2-s1"]

@@ -1,4 +1,4 @@
-"""A tiny zoo for tests: three small families on a few hundred Brown and code passages, short context.
+"""A tiny zoo for tests: four small families on a few hundred Brown and code passages, short context.
 
 `install(results)` patches mcl_utils.zoo in this process (also usable from a subprocess)."""
 
@@ -17,6 +17,7 @@ FAMILIES = {
     "tinyllama": zoo.Family("tinyllama", "llama", "bpe", 320, (("brown", 0.5), ("code", 0.5)), context=32,
                             tokens_per_param=0.5),
     "tinygpt2": zoo.Family("tinygpt2", "gpt2", "bytes", 259, (("brown", 1.0),), context=32, tokens_per_param=1.0),
+    "tinybloom": zoo.Family("tinybloom", "bloom", "bpe", 320, (("brown", 1.0),), context=32, tokens_per_param=1.0),
     # more steps: long enough for a test to kill it mid-run
     "tinyneox": zoo.Family("tinyneox", "gpt_neox", "unigram", 320, (("code", 1.0),), context=32, tokens_per_param=5.0),
 }
