@@ -15,7 +15,9 @@ warm-up run each; the fastest run of each is compared, so load from other proces
 Prints tokens per second, the ratio (goal: zoo >= 1.3x Trainer on a CPU) and each side's mean training
 loss over the last 10 steps (they should nearly agree: the same model learns the same rows the same way).
 On CUDA it also reports the model-FLOPs utilization of the zoo's loop against the GPU's dense bf16 peak
-given by --peak-tflops.
+given by --peak-tflops. With --compile a third contender runs the zoo's loop on a `torch.compile`d model
+(the compile itself is left out of its time): how much of a step is Python and framework overhead that a
+faster loop could remove, and how much is the arithmetic that every loop, Trainer's included, must do.
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ class Rows(torch.utils.data.Dataset):
         return {"input_ids": self.rows[i, :-1], "labels": self.rows[i, :-1]}
 
 
-def run_zoo(model: zoo.ZooModel, rec: dict, steps: int, dev: torch.device) -> tuple[float, float]:
-    """Seconds of the zoo's loop for `steps` steps, and its mean loss over the last logged interval."""
+def run_zoo(model: zoo.ZooModel, rec: dict, steps: int, dev: torch.device,
+            net: torch.nn.Module | None = None) -> tuple[float, float]:
+    """Seconds of the zoo's loop for `steps` steps (on `net`, else a fresh model), and its mean loss over
+    the last logged interval."""
     tokenizer = zoo._load_tokenizer(zoo.family_tokenizer(model.family))
-    net = zoo.build_model(model, tokenizer).to(dev)
+    net = net if net is not None else zoo.build_model(model, tokenizer).to(dev)
     stream = zoo.TokenStream(model.family, rec["steps"] * rec["batch_rows"])
     with tempfile.TemporaryDirectory() as tmp:
         state = zoo._train_loop(model.name, model.family, rec, net, dev, Path(tmp), stream, checkpoint_every=10**9,
@@ -98,6 +102,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense bf16 peak (H100 SXM: 989)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for both sides (default: torch's)")
+    ap.add_argument("--compile", action="store_true", help="also time the zoo's loop on a torch.compile'd model")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,10 +112,20 @@ def main() -> None:
     steps = min(args.steps, rec["steps"])
     tokens = steps * rec["batch_rows"] * model.family.context
     run_zoo(model, rec, 2, dev), run_trainer(model, rec, 2, dev)  # warm-up: imports, allocator, kernels
-    zoo_runs, trainer_runs = [], []
+    compiled = None
+    if args.compile:  # one compiled model, warmed up (compiled) here; each timed run restarts it from scratch
+        tokenizer = zoo._load_tokenizer(zoo.family_tokenizer(model.family))
+        fresh = zoo.build_model(model, tokenizer).to(dev)
+        initial = {k: v.clone() for k, v in fresh.state_dict().items()}
+        compiled = torch.compile(fresh)
+        run_zoo(model, rec, 2, dev, compiled)
+    zoo_runs, trainer_runs, compiled_runs = [], [], []
     for _ in range(args.repeats):
         zoo_runs.append(run_zoo(model, rec, steps, dev))
         trainer_runs.append(run_trainer(model, rec, steps, dev))
+        if compiled is not None:
+            fresh.load_state_dict(initial)
+            compiled_runs.append(run_zoo(model, rec, steps, dev, compiled))
     zoo_s, zoo_loss = min(zoo_runs)
     trainer_s, trainer_loss = min(trainer_runs)
     total, non_embedding = zoo.count_model(model)
@@ -120,13 +135,22 @@ def main() -> None:
               "zoo_tokens_per_s": tokens / zoo_s, "trainer_tokens_per_s": tokens / trainer_s,
               "speedup": trainer_s / zoo_s, "zoo_last_loss_nats": zoo_loss, "trainer_last_loss_nats": trainer_loss,
               "zoo_seconds_by_run": [s for s, _ in zoo_runs], "trainer_seconds_by_run": [s for s, _ in trainer_runs]}
+    if compiled_runs:
+        compiled_s, compiled_loss = min(compiled_runs)
+        result.update(compiled_tokens_per_s=tokens / compiled_s, compiled_speedup=trainer_s / compiled_s,
+                      compiled_last_loss_nats=compiled_loss, compiled_seconds_by_run=[s for s, _ in compiled_runs])
     if dev.type == "cuda":
         result["zoo_mfu"] = zoo.flops_per_token(model) * tokens / zoo_s / (args.peak_tflops * 1e12)
     print(f"zoo:{args.model} ({total:,} parameters, {non_embedding:,} non-embedding), {steps} steps of "
           f"{rec['batch_rows']} x {model.family.context} tokens, {dev}, {result['threads']} threads")
     print(f"  zoo loop  {result['zoo_tokens_per_s']:9.0f} tokens/s   last mean loss {zoo_loss:.4f} nats/token")
     print(f"  Trainer   {result['trainer_tokens_per_s']:9.0f} tokens/s   last logged loss {trainer_loss:.4f} nats/token")
+    if compiled_runs:
+        print(f"  compiled  {result['compiled_tokens_per_s']:9.0f} tokens/s   last mean loss {compiled_loss:.4f} "
+              f"nats/token (zoo loop, torch.compile'd model)")
     print(f"  speed ratio zoo / Trainer: {result['speedup']:.2f}x (goal >= 1.3x on a CPU)")
+    if compiled_runs:
+        print(f"  speed ratio compiled zoo / Trainer: {result['compiled_speedup']:.2f}x")
     if "zoo_mfu" in result:
         print(f"  zoo model-FLOPs utilization: {100 * result['zoo_mfu']:.2f}% of {args.peak_tflops:g} TFLOP/s")
     write_json(result, args.json)

@@ -342,7 +342,7 @@ def expert_recipe(base: str, domain: str) -> dict:
                                  min_lr_fraction=FINETUNE["min_lr_fraction"])
     steps = FINETUNE["steps"]
     return {"base": zoo.identity(base), "domain": domain, "data": zoo.domain_fingerprint(domain),
-            "family": dataclasses.asdict(family), "lr": FINETUNE["lr_fraction"] * card["peak_lr"], "steps": steps,
+            "family": family.record(), "lr": FINETUNE["lr_fraction"] * card["peak_lr"], "steps": steps,
             "batch_rows": FINETUNE["batch_rows"], "warmup_steps": family.warmup_steps(steps),
             "merging": MERGING_VERSION, "trainer": zoo.TRAINER_VERSION}
 

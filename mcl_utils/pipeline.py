@@ -254,7 +254,7 @@ def token_mixtures(exp: Experiment, progress: bool = True, log=print) -> Path:
     corpus = experiment_corpus(exp)
     matrix, _, _ = experiment_matrix(exp)
     cards = zoo.cards_table(matrix.models)
-    inputs = {m: p["cache_key"] for m, p in zip(matrix.models, matrix.provenance)}
+    inputs = matrix.cache_keys()
     path = exp.out_dir / TOKEN_MIXTURES
     before = json.loads(path.read_text()) if path.exists() else {}
     families = {}

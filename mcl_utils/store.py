@@ -258,6 +258,10 @@ class LossMatrix:
         """Byte-weighted bits per byte of each model."""
         return pd.Series(self.nll_nats.sum(0) / (LN2 * self.n_bytes.sum()), index=self.models)
 
+    def cache_keys(self) -> dict[str, str]:
+        """Each model's loss-table cache key: the inputs that a results file built from this matrix names."""
+        return {m: p["cache_key"] for m, p in zip(self.models, self.provenance)}
+
     def subset(self, columns: Sequence[int]) -> LossMatrix:
         """The same samples with only these models (column indices, in this order)."""
         columns = list(columns)

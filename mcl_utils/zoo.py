@@ -35,6 +35,7 @@ TRAINER_VERSION = "1"
 ZOO_RESULTS = REPO_ROOT / "results" / "zoo"
 TRAIN_STATE = "mcl-train.json"  # the training log and wall time, saved beside the final weights
 LOG_EVERY = 10  # steps per row of the training log (the mean training loss over those steps)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what save_pretrained writes for a fast tokenizer
 SPECIALS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "unk_token": "<|unk|>"}
 ARCHITECTURES = ("llama", "gpt2", "gpt_neox", "bloom")
 TOKENIZERS = ("bpe", "unigram", "bytes")
@@ -84,6 +85,7 @@ class Family:
     grad_clip: float = 1.0
     data_seed: int = 0  # the order of documents; seed replicas differ only in initialization
     rows_per_width: float = 0.125  # batch rows per unit of width: fewer rows make more steps of the same tokens
+    head_dim: int | None = None  # when set, every size has width // head_dim heads instead of the ladder's
 
     def batch_rows(self, width: int) -> int:
         """Rows of `context` tokens per optimizer step: grows with width (at 1/8 row per unit, at least
@@ -94,15 +96,29 @@ class Family:
         """Linear warmup length: a short fixed fraction of the run."""
         return max(1, round(self.warmup_fraction * total_steps))
 
+    def shape(self, size_name: str) -> Size:
+        """The ladder's shape for this size, with the family's head rule applied."""
+        size = SIZES[size_name]
+        return dataclasses.replace(size, heads=size.width // self.head_dim) if self.head_dim else size
+
+    def record(self) -> dict:
+        """The family's fields for recipes: all but the head rule, which enters as each size's resolved heads
+        (so that the rule, added after llama and neox were trained, leaves their recipes unchanged)."""
+        fields = dataclasses.asdict(self)
+        fields.pop("head_dim")
+        return fields
+
 
 # Three families that differ in architecture, tokenizer and data mixture (shares of training tokens).
 # Shares sit near each family's natural proportions so that its largest size (s6) repeats no domain much more
 # than 4 times. The third family was GPT-2-style until it missed the quality bars twice: on bytes its smallest
 # sizes stayed near the byte-bigram plateau (results/zoo/gpt2-bytes/), and on a 1,024-token BPE its learned
 # position table bent its curve (results/zoo/gpt2-v2/); Bloom's ALiBi attention learns smoothly on the same data.
+# Bloom keeps heads of 8 at every size: ALiBi sets one distance penalty per head from the head count, and the
+# ladder's two heads of 16 at s2 lacked the most local one (results/zoo/bloom-heads/).
 FAMILIES = {
     "llama": Family("llama", "llama", "bpe", 2048, (("brown", 0.18), ("sotu", 0.48), ("code", 0.34))),
-    "bloom": Family("bloom", "bloom", "bpe", 1024, (("brown", 0.3), ("sotu", 0.7))),
+    "bloom": Family("bloom", "bloom", "bpe", 1024, (("brown", 0.3), ("sotu", 0.7)), head_dim=8),
     "neox": Family("neox", "gpt_neox", "unigram", 2048, (("brown", 0.25), ("sotu", 0.35), ("code", 0.4))),
     # Not in the default zoo: the GPT-2 architecture on bloom's data and vocabulary, which misses the quality bars
     # (results/zoo/gpt2-v2/README.md); kept so that its probes can be rerun.
@@ -126,7 +142,7 @@ class ZooModel:
     @property
     def size(self) -> Size:
         """The model's shape."""
-        return SIZES[self.size_name]
+        return self.family.shape(self.size_name)
 
     @property
     def spec(self) -> str:
@@ -215,15 +231,51 @@ def _train_tokenizer(family: Family, texts: Iterable[str]) -> object:
 
 
 def family_tokenizer(family: Family) -> Path:
-    """The family's tokenizer directory (trained once on its training text, cached by its recipe)."""
-    recipe_hash = hashlib.sha256(canonical_json(tokenizer_recipe(family)).encode()).hexdigest()[:16]
-    path = cache_root() / "zoo" / "tokenizers" / f"{family.name}-{recipe_hash}"
-    if (path / "tokenizer.json").exists():
+    """The family's tokenizer directory in the cache: a copy of the committed one under results/zoo/tokenizers/
+    where there is one (the unigram trainer is not deterministic, so a trained tokenizer is a result, like a
+    card), else trained once on the family's training text. Token caches of the text are kept beside it."""
+    path = cache_root() / "zoo" / "tokenizers" / tokenizer_name(family)
+    committed = committed_tokenizer(family)
+    if (path / "tokenizer.json").exists() and not _differs(committed, path):
         return path
     with file_lock(path):  # processes training side by side wait for the first to train it
-        if not (path / "tokenizer.json").exists():
+        if _differs(committed, path):
+            _copy_tokenizer(committed, path)  # drops token caches made with another tokenizer
+        elif not (path / "tokenizer.json").exists():
             _save_tokenizer(family, path)
     return path
+
+
+def tokenizer_name(family: Family) -> str:
+    """`<family>-<hash of its tokenizer recipe>`: the folder name of its tokenizer, cached and committed."""
+    return f"{family.name}-{hashlib.sha256(canonical_json(tokenizer_recipe(family)).encode()).hexdigest()[:16]}"
+
+
+def committed_tokenizer(family: Family) -> Path:
+    """Where the family's trained tokenizer is committed (results/zoo/tokenizers/), whether or not it is."""
+    return results_dir() / "tokenizers" / tokenizer_name(family)
+
+
+def _differs(committed: Path, cached: Path) -> bool:
+    """True when a committed tokenizer exists and the cached one is missing or not the same file."""
+    return (committed / "tokenizer.json").exists() and (
+        not (cached / "tokenizer.json").exists()
+        or sha256_file(committed / "tokenizer.json") != sha256_file(cached / "tokenizer.json"))
+
+
+def publish_tokenizer(family: Family) -> None:
+    """Commit the family's cached tokenizer under results/zoo/tokenizers/ (once, when its first card is written)."""
+    committed = committed_tokenizer(family)
+    if not (committed / "tokenizer.json").exists():
+        _copy_tokenizer(family_tokenizer(family), committed)
+
+
+def _copy_tokenizer(source: Path, dest: Path) -> None:
+    """Replace folder `dest` atomically with the tokenizer files of `source`."""
+    with atomic_path(dest, folder=True) as tmp:
+        tmp.mkdir()
+        for file in TOKENIZER_FILES:
+            shutil.copy2(source / file, tmp / file)
 
 
 def _save_tokenizer(family: Family, path: Path) -> None:
@@ -437,7 +489,7 @@ def _count(family: Family, size_name: str) -> tuple[int, int]:
     from transformers import AutoModelForCausalLM
 
     vocab = len(SPECIALS) + 256 if family.tokenizer == "bytes" else family.vocab_size
-    config = build_config(family, SIZES[size_name], vocab, 0, 1)
+    config = build_config(family, family.shape(size_name), vocab, 0, 1)
     return count_parameters(AutoModelForCausalLM.from_config(config))
 
 
@@ -453,7 +505,7 @@ def recipe(model: ZooModel, lr: float | None = None) -> dict:
     family = model.family
     rows = family.batch_rows(model.size.width)
     steps = max(1, round(family.tokens_per_param * compute_params(model) / (rows * family.context)))
-    return {"family": dataclasses.asdict(family), "size": {"name": model.size_name, **dataclasses.asdict(model.size)},
+    return {"family": family.record(), "size": {"name": model.size_name, **dataclasses.asdict(model.size)},
             "seed": model.seed, "tokenizer": tokenizer_recipe(family),
             "data": {d: domain_fingerprint(d) for d, _ in family.mixture},
             "lr": lr if lr is not None else peak_lr(family, model.size.width), "steps": steps,
@@ -656,6 +708,7 @@ def _finish(model: ZooModel, rec: dict, net: torch.nn.Module, final_dir: Path, s
                     evaluate(net, val_rows, val_bytes, dev))
     if write:
         write_card(card, state["log"], out)
+        publish_tokenizer(model.family)
         log(f"[zoo] {model.name}: trained in {wall:.0f} s, final loss {card['final_train_loss_nats']:.3f} nats/token,"
             f" validation {card['val_bpb']:.3f} bits/byte -> {card_path(model.name, out)}")
     return card

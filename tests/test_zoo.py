@@ -121,6 +121,34 @@ def test_card_from_an_older_recipe_is_stale(tiny):
         zoo.identity("tinygpt2-s0")
 
 
+def test_committed_tokenizer_replaces_a_missing_or_different_cached_one(tiny, monkeypatch):
+    """The first card commits the family's tokenizer; a cache without it, or with another one (the unigram
+    trainer is not deterministic), gets the committed file back, not a retrained one, and loses its token
+    caches; retraining then reproduces the card's weights."""
+    family = zoo.FAMILIES["tinyneox"]
+    card = zoo.train("tinyneox-s0", progress=False, log=lambda _: None)
+    committed = zoo.committed_tokenizer(family) / "tokenizer.json"
+    assert committed.is_relative_to(tiny / "results") and models.sha256_file(committed) == card["tokenizer_sha256"]
+    monkeypatch.setattr(zoo, "_train_tokenizer", lambda *_: pytest.fail("retrained a committed tokenizer"))
+    shutil.rmtree(tiny / "cache" / "zoo")
+    assert models.sha256_file(zoo.family_tokenizer(family) / "tokenizer.json") == card["tokenizer_sha256"]
+    assert zoo.train("tinyneox-s0", progress=False, log=lambda _: None)["weights_sha256"] == card["weights_sha256"]
+    cached = zoo.family_tokenizer(family)
+    assert list(cached.glob("tokens-*.npz"))
+    (cached / "tokenizer.json").write_text(committed.read_text().replace('"<|unk|>"', '"<|other|>"'))
+    assert models.sha256_file(zoo.family_tokenizer(family) / "tokenizer.json") == card["tokenizer_sha256"]
+    assert not list(cached.glob("tokens-*.npz"))
+
+
+def test_head_rule_sets_heads_by_width_and_stays_out_of_the_family_record():
+    """Bloom has heads of 8 at every size (ALiBi slopes follow the head count); the rule enters recipes only
+    as each size's resolved heads, so families without it keep the recipes they were trained with."""
+    bloom, llama = zoo.FAMILIES["bloom"], zoo.FAMILIES["llama"]
+    assert [bloom.shape(s).heads for s in ("s0", "s2", "s5")] == [2, 4, 12]
+    assert [llama.shape(s).heads for s in ("s0", "s2", "s5")] == [2, 2, 6]
+    assert "head_dim" not in bloom.record() and zoo.recipe(zoo.parse_name("bloom-s2"))["size"]["heads"] == 4
+
+
 @pytest.mark.parametrize("name", ["tinyllama-s0", "tinygpt2-s0", "tinyneox-s0"])
 def test_card_rebuilt_from_final_weights_equals_the_first(tiny, name):
     """A deleted card is rebuilt from the trained weights (as a sweep's side-by-side runs are) with the same
