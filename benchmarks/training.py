@@ -47,12 +47,16 @@ class Rows(torch.utils.data.Dataset):
         return {"input_ids": self.rows[i, :-1], "labels": self.rows[i, :-1]}
 
 
+def fresh_model(model: zoo.ZooModel, dev: torch.device) -> torch.nn.Module:
+    """A freshly initialized zoo model (same seed, so the same weights every time) on `dev`."""
+    return zoo.build_model(model, zoo._load_tokenizer(zoo.family_tokenizer(model.family))).to(dev)
+
+
 def run_zoo(model: zoo.ZooModel, rec: dict, steps: int, dev: torch.device,
             net: torch.nn.Module | None = None) -> tuple[float, float]:
     """Seconds of the zoo's loop for `steps` steps (on `net`, else a fresh model), and its mean loss over
     the last logged interval."""
-    tokenizer = zoo._load_tokenizer(zoo.family_tokenizer(model.family))
-    net = net if net is not None else zoo.build_model(model, tokenizer).to(dev)
+    net = net if net is not None else fresh_model(model, dev)
     stream = zoo.TokenStream(model.family, rec["steps"] * rec["batch_rows"])
     with tempfile.TemporaryDirectory() as tmp:
         state = zoo._train_loop(model.name, model.family, rec, net, dev, Path(tmp), stream, checkpoint_every=10**9,
@@ -66,8 +70,7 @@ def run_trainer(model: zoo.ZooModel, rec: dict, steps: int, dev: torch.device) -
     """Seconds of Trainer.train for `steps` steps on the same rows and settings, and its last logged loss."""
     from transformers import Trainer, TrainingArguments
 
-    tokenizer = zoo._load_tokenizer(zoo.family_tokenizer(model.family))
-    net = zoo.build_model(model, tokenizer).to(dev)
+    net = fresh_model(model, dev)
     rows = zoo.TokenStream(model.family, rec["steps"] * rec["batch_rows"]).rows(0, steps * rec["batch_rows"])
     family = model.family
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,8 +117,7 @@ def main() -> None:
     run_zoo(model, rec, 2, dev), run_trainer(model, rec, 2, dev)  # warm-up: imports, allocator, kernels
     compiled = None
     if args.compile:  # one compiled model, warmed up (compiled) here; each timed run restarts it from scratch
-        tokenizer = zoo._load_tokenizer(zoo.family_tokenizer(model.family))
-        fresh = zoo.build_model(model, tokenizer).to(dev)
+        fresh = fresh_model(model, dev)
         initial = {k: v.clone() for k, v in fresh.state_dict().items()}
         compiled = torch.compile(fresh)
         run_zoo(model, rec, 2, dev, compiled)
