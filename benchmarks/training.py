@@ -1,7 +1,7 @@
 """Training throughput: the zoo's training loop against transformers.Trainer, same model, data and machine.
 
 Usage: .venv/bin/python benchmarks/training.py [--model llama-s3] [--steps 40] [--repeats 2] [--device cpu]
-                                               [--threads N]
+                                               [--threads N] [--compile] [--jobs N]
 
 Both train the same freshly initialized zoo model (same seed) for the same number of optimizer steps on
 the same rows of the family's training stream, with the same batch, optimizer (AdamW, same betas, weight
@@ -18,6 +18,12 @@ On CUDA it also reports the model-FLOPs utilization of the zoo's loop against th
 given by --peak-tflops. With --compile a third contender runs the zoo's loop on a `torch.compile`d model
 (the compile itself is left out of its time): how much of a step is Python and framework overhead that a
 faster loop could remove, and how much is the arithmetic that every loop, Trainer's included, must do.
+
+With --jobs N (a CPU, N > 1) it also compares the two ways of using the whole machine: the zoo trains N
+models at once in N processes of one thread each (what `mcl zoo train` does), Trainer trains one model on N
+threads (what it does by default); each side's throughput is all tokens trained over the time from the first
+loop's start to the last loop's end. Tiny models use cores better side by side than together, so this ratio
+is the zoo's real advantage on a small machine; the one-thread ratio above is the loop's alone.
 """
 
 from __future__ import annotations
@@ -96,6 +102,34 @@ def run_trainer(model: zoo.ZooModel, rec: dict, steps: int, dev: torch.device) -
     return seconds, losses[-1] if losses else float("nan")
 
 
+def side_by_side(name: str, steps: int) -> dict:
+    """One of --jobs concurrent zoo runs (a spawned process, one thread, after a warm-up): its loop's window."""
+    torch.set_num_threads(1)
+    model, dev = zoo.parse_name(name), torch.device("cpu")
+    rec = zoo.recipe(model)
+    run_zoo(model, rec, 2, dev)
+    seconds, _ = run_zoo(model, rec, steps, dev)
+    end = time.time()
+    return {"start": end - seconds, "end": end}
+
+
+def whole_machine(model: zoo.ZooModel, rec: dict, steps: int, jobs: int, tokens: int, repeats: int) -> dict:
+    """The zoo's `jobs` models at once (one thread each) against Trainer's one model on `jobs` threads, each
+    `repeats` times, interleaved; the fastest of each."""
+    threads, zoo_runs, trainer_runs = torch.get_num_threads(), [], []
+    for _ in range(repeats):
+        windows = zoo.in_processes(side_by_side, [dict(name=model.name, steps=steps)] * jobs, jobs)
+        zoo_runs.append(max(w["end"] for w in windows) - min(w["start"] for w in windows))
+        torch.set_num_threads(jobs)
+        run_trainer(model, rec, 2, torch.device("cpu"))  # warm-up on this thread count
+        trainer_runs.append(run_trainer(model, rec, steps, torch.device("cpu"))[0])
+        torch.set_num_threads(threads)
+    zoo_s, trainer_s = min(zoo_runs), min(trainer_runs)
+    return {"jobs": jobs, "zoo_side_by_side_tokens_per_s": jobs * tokens / zoo_s,
+            "trainer_threads_tokens_per_s": tokens / trainer_s, "whole_machine_speedup": jobs * trainer_s / zoo_s,
+            "zoo_side_by_side_seconds_by_run": zoo_runs, "trainer_threads_seconds_by_run": trainer_runs}
+
+
 def main() -> None:
     """Run both loops, interleaved, and print the comparison."""
     ap = parser(__doc__)
@@ -106,6 +140,8 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense bf16 peak (H100 SXM: 989)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for both sides (default: torch's)")
     ap.add_argument("--compile", action="store_true", help="also time the zoo's loop on a torch.compile'd model")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="also compare the whole machine: N zoo models at once against Trainer on N threads")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,6 +177,8 @@ def main() -> None:
         compiled_s, compiled_loss = min(compiled_runs)
         result.update(compiled_tokens_per_s=tokens / compiled_s, compiled_speedup=trainer_s / compiled_s,
                       compiled_last_loss_nats=compiled_loss, compiled_seconds_by_run=[s for s, _ in compiled_runs])
+    if args.jobs > 1 and dev.type == "cpu":
+        result.update(whole_machine(model, rec, steps, args.jobs, tokens, args.repeats))
     if dev.type == "cuda":
         result["zoo_mfu"] = zoo.flops_per_token(model) * tokens / zoo_s / (args.peak_tflops * 1e12)
     print(f"zoo:{args.model} ({total:,} parameters, {non_embedding:,} non-embedding), {steps} steps of "
@@ -153,6 +191,10 @@ def main() -> None:
     print(f"  speed ratio zoo / Trainer: {result['speedup']:.2f}x (goal >= 1.3x on a CPU)")
     if compiled_runs:
         print(f"  speed ratio compiled zoo / Trainer: {result['compiled_speedup']:.2f}x")
+    if "jobs" in result:
+        print(f"  whole machine: {args.jobs} zoo models at once (1 thread each) "
+              f"{result['zoo_side_by_side_tokens_per_s']:.0f} tokens/s, Trainer on {args.jobs} threads "
+              f"{result['trainer_threads_tokens_per_s']:.0f} tokens/s: {result['whole_machine_speedup']:.2f}x")
     if "zoo_mfu" in result:
         print(f"  zoo model-FLOPs utilization: {100 * result['zoo_mfu']:.2f}% of {args.peak_tflops:g} TFLOP/s")
     write_json(result, args.json)

@@ -83,9 +83,15 @@ def _run(args: argparse.Namespace) -> None:
 
 def _zoo_train(args: argparse.Namespace) -> None:
     """Run `mcl zoo train`: print the budget, then train every listed model whose card is missing or stale."""
-    from mcl_utils.zoo import budget_table, card_path, ensure_trained, resolve_targets, wall_time_s
+    from mcl_utils.zoo import budget_table, card_path, ensure_trained, resolve_targets, wall_time_s, write_budget
 
     names = resolve_targets(args.targets)
+    if args.measure:
+        if _device_kind(args.device) != "cpu":
+            raise UserError("--measure times CPU training; fix: drop --measure, or add --device cpu")
+        path = write_budget(names, args.jobs, args.out and Path(args.out))
+        print(f"measured budget written to {path}")
+        return
     if args.budget_only:
         kind = _device_kind(args.device)
         budget = budget_table(names, kind)
@@ -155,6 +161,9 @@ def _add_zoo_parser(sub: argparse._SubParsersAction) -> None:
                             "or model names like llama-s3 or zoo:llama-s3-s1.")
     train.add_argument("targets", nargs="+", metavar="EXPERIMENT_OR_FAMILY_OR_MODEL")
     train.add_argument("--budget-only", action="store_true", help="print the budget estimate and stop")
+    train.add_argument("--measure", action="store_true",
+                       help="time a few training steps of each model on this CPU, --jobs at a time, print the "
+                            "measured budget, write it to budget-cpu.json beside the cards, and stop")
     train.add_argument("--force", action="store_true", help="retrain from scratch even when a current card exists")
     train.add_argument("--threads", type=int, default=None,
                        help="CPU threads per model (default: torch's; 1 is fastest for tiny models on a busy machine)")

@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -42,10 +43,10 @@ TOKENIZERS = ("bpe", "unigram", "bytes")
 REFERENCE_WIDTH = 64  # learning rates are quoted at this width
 MAX_EPOCHS = 4.0  # DESIGN section 7: more passes over the few offline megabytes than this overfit
 # Training throughput in 6N-FLOP tokens/s by compute parameters N, for the budget estimate. CPU: a power law
-# through the 22 recipe-v2 cards of results/zoo/ (one thread per model, two side by side: 4.2e4 at 2e4
-# parameters, 6.7e3 at 5.3e5, slope -0.56), levelled so that the estimates sum to their measured 167 minutes;
-# the third point extends the line beyond the zoo. CUDA: DESIGN section 7 (H100, recipe v1).
-THROUGHPUT = {"cpu": ((2e4, 4.15e4), (5.3e5, 6.7e3), (5e6, 1.93e3)),
+# through the default zoo's measured step times (results/zoo/budget-cpu.json: 2 cores of an AMD EPYC, one
+# thread per model, two side by side; slope -0.50), levelled so that the estimates sum to the measured 214
+# CPU-minutes; the third point extends the line beyond the zoo. CUDA: DESIGN section 7 (H100, recipe v1).
+THROUGHPUT = {"cpu": ((2e4, 2.754e4), (5.3e5, 5.38e3), (5e6, 1.76e3)),
               "cuda": ((1e5, 1.2e7), (8.4e5, 4.3e6), (4.8e6, 1.65e6), (1.4e7, 8.5e5), (2.5e7, 6.4e5))}
 
 
@@ -85,7 +86,7 @@ class Family:
     grad_clip: float = 1.0
     data_seed: int = 0  # the order of documents; seed replicas differ only in initialization
     rows_per_width: float = 0.125  # batch rows per unit of width: fewer rows make more steps of the same tokens
-    head_dim: int | None = None  # when set, every size has width // head_dim heads instead of the ladder's
+    heads: tuple[tuple[str, int], ...] = ()  # (size, heads) where the family's head count differs from the ladder's
 
     def batch_rows(self, width: int) -> int:
         """Rows of `context` tokens per optimizer step: grows with width (at 1/8 row per unit, at least
@@ -97,15 +98,15 @@ class Family:
         return max(1, round(self.warmup_fraction * total_steps))
 
     def shape(self, size_name: str) -> Size:
-        """The ladder's shape for this size, with the family's head rule applied."""
-        size = SIZES[size_name]
-        return dataclasses.replace(size, heads=size.width // self.head_dim) if self.head_dim else size
+        """The ladder's shape for this size, with the family's own head count where it sets one."""
+        heads = dict(self.heads)
+        return dataclasses.replace(SIZES[size_name], heads=heads[size_name]) if size_name in heads else SIZES[size_name]
 
     def record(self) -> dict:
-        """The family's fields for recipes: all but the head rule, which enters as each size's resolved heads
-        (so that the rule, added after llama and neox were trained, leaves their recipes unchanged)."""
+        """The family's fields for recipes: all but its head counts, which enter as each size's resolved heads
+        (so that the field, added after llama and neox were trained, leaves their recipes unchanged)."""
         fields = dataclasses.asdict(self)
-        fields.pop("head_dim")
+        fields.pop("heads")
         return fields
 
 
@@ -114,11 +115,13 @@ class Family:
 # than 4 times. The third family was GPT-2-style until it missed the quality bars twice: on bytes its smallest
 # sizes stayed near the byte-bigram plateau (results/zoo/gpt2-bytes/), and on a 1,024-token BPE its learned
 # position table bent its curve (results/zoo/gpt2-v2/); Bloom's ALiBi attention learns smoothly on the same data.
-# Bloom keeps heads of 8 at every size: ALiBi sets one distance penalty per head from the head count, and the
-# ladder's two heads of 16 at s2 lacked the most local one (results/zoo/bloom-heads/).
+# Bloom has heads of 8 up to s4: ALiBi sets one distance penalty per head from the head count, and with the
+# ladder's few heads of 16 s2 (2 heads) and s4 (4 heads) fell behind the family's law. s5 keeps the ladder's 6
+# heads of 16, within 0.4% of 12 heads of 8, which make a training step about 1.5x as long (results/zoo/bloom-heads/).
 FAMILIES = {
     "llama": Family("llama", "llama", "bpe", 2048, (("brown", 0.18), ("sotu", 0.48), ("code", 0.34))),
-    "bloom": Family("bloom", "bloom", "bpe", 1024, (("brown", 0.3), ("sotu", 0.7)), head_dim=8),
+    "bloom": Family("bloom", "bloom", "bpe", 1024, (("brown", 0.3), ("sotu", 0.7)),
+                    heads=(("s2", 4), ("s3", 6), ("s4", 8))),
     "neox": Family("neox", "gpt_neox", "unigram", 2048, (("brown", 0.25), ("sotu", 0.35), ("code", 0.4))),
     # Not in the default zoo: the GPT-2 architecture on bloom's data and vocabulary, which misses the quality bars
     # (results/zoo/gpt2-v2/README.md); kept so that its probes can be rerun.
@@ -729,6 +732,13 @@ def _device_name(dev: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (Linux), else the platform's processor field."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else []
+    return names[0].strip() if names else platform.processor() or platform.machine()
+
+
 def zoo_card(model: ZooModel, rec: dict, net: torch.nn.Module, final_dir: Path, log_rows: list[dict],
              wall_s: float, device_name: str, precision: str, validation: dict) -> dict:
     """The zoo card: config, parameters, tokens seen, wall time, device, losses and the weights' sha256."""
@@ -883,10 +893,9 @@ def ensure_trained(specs: Iterable[str], device: str = "auto", force: bool = Fal
 def _train_in_parallel(names: list[str], jobs: int, out: Path | None, threads: int,
                        log: Callable[[str], None]) -> None:
     """Train models on the CPU in `jobs` worker processes, the longest first; the first failure stops all."""
-    longest_first = budget_table(names).iloc[:-1].sort_values("est_s", ascending=False)["model"].tolist()
     log(f"[zoo] training {len(names)} models, {jobs} at a time ({threads} thread each)")
     in_processes(train, [dict(name=name, device="cpu", progress=False, out=out, threads=threads)
-                         for name in longest_first], jobs,
+                         for name in longest_first_names(names)], jobs,
                  on_done=lambda card: log(f"[zoo] {card['name']}: trained in {card['wall_time_s']:.0f} s, "
                                           f"validation {card['val_bpb']:.3f} bits/byte"))
 
@@ -921,8 +930,9 @@ def tokens_per_s(n_params: float, device: str) -> float:
     return float(np.exp(np.interp(np.log(n_params), np.log(table[:, 0]), np.log(table[:, 1]))))
 
 
-def budget_table(names: list[str], device: str = "cpu") -> pd.DataFrame:
-    """Per model: parameters, tokens, epochs, FLOPs and estimated seconds on `device`."""
+def budget_table(names: list[str], device: str = "cpu", step_s: dict[str, float] | None = None) -> pd.DataFrame:
+    """Per model: parameters, tokens, epochs, FLOPs and estimated seconds on `device`: seconds per step
+    measured on this machine where `step_s` gives them (measure_step_s), else the THROUGHPUT table."""
     rows = []
     for name in names:
         model = parse_name(name)
@@ -931,8 +941,10 @@ def budget_table(names: list[str], device: str = "cpu") -> pd.DataFrame:
         n_compute = compute_params(model)
         tokens = rec["steps"] * rec["batch_rows"] * model.family.context
         flops = flops_per_token(model) * tokens
-        # the measured table counts 6 N per token; charge attention at the same FLOP rate
-        seconds = flops / (6 * n_compute * tokens_per_s(n_compute, device))
+        if step_s and name in step_s:
+            seconds = step_s[name] * rec["steps"]
+        else:  # the table counts 6 N per token; charge attention at the same FLOP rate
+            seconds = flops / (6 * n_compute * tokens_per_s(n_compute, device))
         epochs = TokenStream.planned_epochs(model.family, rec["steps"] * rec["batch_rows"])
         rows.append({"model": name, "params": total, "non_embedding": non_embedding, "tokens": tokens,
                      "steps": rec["steps"], "peak_lr": rec["lr"], "max_epochs": max(epochs.values()),
@@ -947,10 +959,80 @@ def budget_table(names: list[str], device: str = "cpu") -> pd.DataFrame:
 
 def wall_time_s(budget: pd.DataFrame, jobs: int) -> float:
     """Estimated seconds to train a budget table's models `jobs` at a time, longest first."""
+    return longest_first_s(list(budget.est_s.iloc[:-1]), jobs)
+
+
+def longest_first_names(names: list[str]) -> list[str]:
+    """The models, the longest to train first (by the THROUGHPUT table's estimate)."""
+    return budget_table(names).iloc[:-1].sort_values("est_s", ascending=False)["model"].tolist()
+
+
+def longest_first_s(seconds: list[float], jobs: int) -> float:
+    """Seconds until the last of these jobs ends when `jobs` workers take them longest first."""
     finish = [0.0] * max(1, jobs)
-    for seconds in sorted(budget.est_s.iloc[:-1], reverse=True):
-        finish[finish.index(min(finish))] += seconds
+    for job_s in sorted(seconds, reverse=True):
+        finish[finish.index(min(finish))] += job_s
     return max(finish)
+
+
+def measure_step_s(name: str, seconds: float = 3.0, repeats: int = 3, threads: int | None = 1) -> dict:
+    """Seconds per training step of one zoo model on this CPU: the median of `repeats` timings of the training
+    loop on a fresh model, each of as many steps as fill about `seconds` (at least 4), after two warm-up steps
+    (nothing is saved), at `threads` threads."""
+    if threads:
+        torch.set_num_threads(threads)
+    model, dev = parse_name(name), torch.device("cpu")
+    rec = recipe(model)
+    net = build_model(model, _load_tokenizer(family_tokenizer(model.family)))
+    stream = TokenStream(model.family, 200 * rec["batch_rows"])
+    with tempfile.TemporaryDirectory() as tmp:
+        loop = functools.partial(_train_loop, name, model.family, rec, net, dev, Path(tmp), stream,
+                                 checkpoint_every=10**9, progress=False, log=lambda _: None)
+        warm_s = loop(stop_after=2)["elapsed_s"] / 2
+        steps = int(np.clip(seconds / warm_s, 4, 200))
+        step_s = float(np.median([loop(stop_after=steps)["elapsed_s"] for _ in range(repeats)])) / steps
+    return {"model": name, "recipe_hash": recipe_hash(rec), "step_s": step_s, "steps_timed": steps,
+            "threads": threads}
+
+
+def measure_budget(names: list[str], jobs: int) -> dict:
+    """Time a few training steps of every model, `jobs` at a time in processes of one thread each, longest
+    first (as the zoo trains them), and estimate the whole training: the measured budget, with its machine."""
+    runs = [dict(name=name) for name in longest_first_names(names)]
+    timed = {t["model"]: t for t in in_processes(measure_step_s, runs, jobs)}
+    est_s = {name: timed[name]["step_s"] * recipe(parse_name(name))["steps"] for name in names}
+    return {"machine": _cpu_name(), "cpu_cores": os.cpu_count(), "torch": torch.__version__, "jobs": jobs,
+            "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "wall_s": longest_first_s(list(est_s.values()), jobs), "cpu_s": sum(est_s.values()),
+            "models": {name: {"recipe_hash": timed[name]["recipe_hash"], "step_s": timed[name]["step_s"],
+                              "steps_timed": timed[name]["steps_timed"], "est_s": est_s[name]} for name in names}}
+
+
+def write_budget(names: list[str], jobs: int, out: Path | None = None, log: Callable[[str], None] = print) -> Path:
+    """Measure the budget of `names` on this CPU (measure_budget), print it, write `budget-cpu.json` under `out`."""
+    log(f"[zoo] timing {len(names)} models, {jobs} at a time (1 thread each)")
+    measured = measure_budget(names, jobs)
+    budget = budget_table(names, "cpu", {name: m["step_s"] for name, m in measured["models"].items()})
+    log(f"{budget.to_string(index=False)}\nabout {measured['wall_s'] / 60:.0f} min, {jobs} at a time, on "
+        f"{measured['machine']} ({measured['cpu_cores']} cores)")
+    path = results_dir(out) / "budget-cpu.json"
+    with atomic_path(path) as tmp:
+        tmp.write_text(strict_json(measured))
+    return path
+
+
+def read_budget(names: list[str], out: Path | None = None) -> dict:
+    """The measured budget (write_budget) of `names`, its wall and CPU seconds for just these models; refused
+    where a model was not timed, or was timed under another recipe than its current one."""
+    path = results_dir(out) / "budget-cpu.json"
+    measured = json.loads(path.read_text()) if path.exists() else {"models": {}}
+    stale = [n for n in names if measured["models"].get(n, {}).get("recipe_hash") != recipe_hash(recipe(parse_name(n)))]
+    if stale:
+        raise UserError(f"{path.name} has no timing of the current recipe of {', '.join(stale)}; fix: "
+                        "mcl zoo train EXPERIMENT --measure, with the experiment file that lists them")
+    est_s = [measured["models"][n]["est_s"] for n in names]
+    return {**measured, "models": {n: measured["models"][n] for n in names},
+            "wall_s": longest_first_s(est_s, measured["jobs"]), "cpu_s": sum(est_s)}
 
 
 def fit_lr_rule(points: dict[int, list[tuple[float, float]]], default_exponent: float) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -140,13 +141,39 @@ def test_committed_tokenizer_replaces_a_missing_or_different_cached_one(tiny, mo
     assert not list(cached.glob("tokens-*.npz"))
 
 
-def test_head_rule_sets_heads_by_width_and_stays_out_of_the_family_record():
-    """Bloom has heads of 8 at every size (ALiBi slopes follow the head count); the rule enters recipes only
-    as each size's resolved heads, so families without it keep the recipes they were trained with."""
+def test_family_head_counts_override_the_ladder_and_stay_out_of_the_family_record():
+    """Bloom has heads of 8 up to s4 (ALiBi slopes follow the head count) and the ladder's at s5; its head
+    counts enter recipes only as each size's resolved heads, so other families keep their recipes."""
     bloom, llama = zoo.FAMILIES["bloom"], zoo.FAMILIES["llama"]
-    assert [bloom.shape(s).heads for s in ("s0", "s2", "s5")] == [2, 4, 12]
-    assert [llama.shape(s).heads for s in ("s0", "s2", "s5")] == [2, 2, 6]
-    assert "head_dim" not in bloom.record() and zoo.recipe(zoo.parse_name("bloom-s2"))["size"]["heads"] == 4
+    assert [bloom.shape(f"s{i}").heads for i in range(6)] == [2, 3, 4, 6, 8, 6]
+    assert [llama.shape(f"s{i}").heads for i in range(6)] == [2, 3, 2, 3, 4, 6]
+    assert "heads" not in bloom.record() and zoo.recipe(zoo.parse_name("bloom-s2"))["size"]["heads"] == 4
+
+
+def test_measured_budget_times_steps_of_each_model_and_trains_nothing(tiny, monkeypatch):
+    """`mcl zoo train --measure`: a few real steps per model, two processes side by side, give each model's
+    estimate (seconds per step x its steps) and the longest-first wall time; no checkpoint or card is left."""
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")  # the workers inherit the tiny zoo installed in this process
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: fork)
+    names = ["tinyllama-s0", "tinybloom-s1", "tinyneox-s0"]
+    path = zoo.write_budget(names, jobs=2, log=lambda _: None)
+    measured = json.loads(path.read_text())
+    assert path.name == "budget-cpu.json" and sorted(measured["models"]) == sorted(names)
+    for name, entry in measured["models"].items():
+        rec = zoo.recipe(zoo.parse_name(name))
+        assert entry["step_s"] > 0 and entry["est_s"] == pytest.approx(entry["step_s"] * rec["steps"])
+        assert entry["recipe_hash"] == zoo.recipe_hash(rec)
+    est = sorted((m["est_s"] for m in measured["models"].values()), reverse=True)
+    assert measured["wall_s"] == pytest.approx(max(est[0], est[1] + est[2]))
+    assert measured["cpu_s"] == pytest.approx(sum(est)) and measured["jobs"] == 2
+    assert not (tiny / "cache" / "zoo" / "runs").exists() and not any(zoo.read_card(n) for n in names)
+    subset = zoo.read_budget(names[1:])  # its wall time is recomputed for just these models
+    assert subset["wall_s"] == pytest.approx(max(measured["models"][n]["est_s"] for n in names[1:]))
+    zoo.FAMILIES["tinyllama"] = dataclasses.replace(zoo.FAMILIES["tinyllama"], lr_ref=0.5)  # a new recipe
+    with pytest.raises(UserError, match="no timing of the current recipe of tinyllama-s0; fix: mcl zoo train"):
+        zoo.read_budget(names)
 
 
 @pytest.mark.parametrize("name", ["tinyllama-s0", "tinygpt2-s0", "tinyneox-s0"])
