@@ -11,6 +11,8 @@ import math
 import os
 import re
 import shutil
+import stat
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,19 +90,43 @@ def file_lock(path: Path) -> FileLock:
     return FileLock(lock_dir / f"{digest}.lock")
 
 
+def _nearest_existing(path: Path) -> tuple[Path, bool]:
+    """The path or its nearest existing parent, and whether it is a folder (one stat each: another process
+    may remove a folder it has just created between two)."""
+    for candidate in (path, *path.parents):
+        try:
+            return candidate, stat.S_ISDIR(candidate.stat().st_mode)
+        except FileNotFoundError:
+            continue
+    raise UserError(f"no part of {path} exists; fix: pass a folder path")
+
+
+def _write_probe(path: Path, attempts: int = 5) -> None:
+    """Create the folder, write a probe file in it and remove it; retried while another process's check
+    removes the folder it has just created (two workers checking one new folder at once)."""
+    for attempt in range(attempts):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".mcl-write-test-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+            return
+        except (FileExistsError, FileNotFoundError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.01 * (attempt + 1))
+
+
 def check_writable_dir(path: Path, what: str) -> None:
     """Refuse a folder that cannot be created or written, before any work; leave nothing behind."""
     path = Path(path)
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
+    existing, is_dir = _nearest_existing(path)
+    if not is_dir:
         raise UserError(f"{what} {path} is {'a file' if existing == path else f'under the file {existing}'}; "
                         "fix: pass a folder path")
     created = [p for p in (path, *path.parents) if not p.exists()]
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with open(path / f".mcl-write-test-{os.getpid()}", "wb") as f:
-            f.write(b"ok")
-        os.unlink(f.name)
+        _write_probe(path)
     except OSError as exc:
         raise UserError(f"{what} {path} is not writable ({exc.strerror or exc}); fix: pass a folder you can "
                         "write to") from None

@@ -1,5 +1,6 @@
 """Two processes on one cache entry: a loss table scored (and killed, and resumed) under two batch plans at
-once, and two first-use dequantizations into an empty cache. Each ends with correct, complete results."""
+once, and two first-use dequantizations into an empty cache, and workers checking one new output folder at once. Each
+ends with correct, complete results."""
 
 from __future__ import annotations
 
@@ -153,3 +154,29 @@ def test_two_first_use_dequantizations(tmp_path, tiny_llama, fake_gguf):
     assert outputs[0] == outputs[1] and log.read_text().count("dequantized") == 1
     folder = Path(outputs[0])
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+
+
+def _check_folder_many_times(path: str) -> int:
+    """Check one folder for writing 1,000 times (a worker of the test below); how many checks refused it."""
+    from mcl_utils.errors import UserError
+    from mcl_utils.store import check_writable_dir
+
+    refused = 0
+    for _ in range(1000):
+        try:
+            check_writable_dir(Path(path), "output folder")
+        except UserError:
+            refused += 1
+    return refused
+
+
+def test_processes_checking_one_new_folder_at_once_all_find_it_writable(tmp_path):
+    """Ray workers check a not-yet-existing output folder at once; each check creates it and removes what it
+    created, so one check can remove the folder another has just made: none may call it not writable, and no
+    probe file is left (empty folders may be: which check created them is a race)."""
+    import multiprocessing
+
+    folder = tmp_path / "results" / "losses"
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        assert pool.map(_check_folder_many_times, [str(folder)] * 4) == [0, 0, 0, 0]
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
