@@ -96,7 +96,7 @@ def _nearest_existing(path: Path) -> tuple[Path, bool]:
     for candidate in (path, *path.parents):
         try:
             return candidate, stat.S_ISDIR(candidate.stat().st_mode)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # missing, or under a file
             continue
     raise UserError(f"no part of {path} exists; fix: pass a folder path")
 
