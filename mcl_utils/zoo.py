@@ -43,10 +43,10 @@ TOKENIZERS = ("bpe", "unigram", "bytes")
 REFERENCE_WIDTH = 64  # learning rates are quoted at this width
 MAX_EPOCHS = 4.0  # DESIGN section 7: more passes over the few offline megabytes than this overfit
 # Training throughput in 6N-FLOP tokens/s by compute parameters N, for the budget estimate. CPU: a power law
-# through the default zoo's measured step times (results/zoo/budget-cpu.json: 2 cores of an AMD EPYC, one
-# thread per model, two side by side; slope -0.50), levelled so that the estimates sum to the measured 214
-# CPU-minutes; the third point extends the line beyond the zoo. CUDA: DESIGN section 7 (H100, recipe v1).
-THROUGHPUT = {"cpu": ((2e4, 2.754e4), (5.3e5, 5.38e3), (5e6, 1.76e3)),
+# through the default zoo trained end to end (results/zoo/timed-run/: 2 cores of an AMD EPYC, one thread per
+# model, two side by side; slope -0.59), levelled so that the estimates sum to its 188 model-minutes; the third
+# point extends the line beyond the zoo. CUDA: DESIGN section 7 (H100, recipe v1).
+THROUGHPUT = {"cpu": ((2e4, 4.066e4), (5.3e5, 5.823e3), (5e6, 1.539e3)),
               "cuda": ((1e5, 1.2e7), (8.4e5, 4.3e6), (4.8e6, 1.65e6), (1.4e7, 8.5e5), (2.5e7, 6.4e5))}
 
 
@@ -1033,6 +1033,18 @@ def read_budget(names: list[str], out: Path | None = None) -> dict:
     est_s = [measured["models"][n]["est_s"] for n in names]
     return {**measured, "models": {n: measured["models"][n] for n in names},
             "wall_s": longest_first_s(est_s, measured["jobs"]), "cpu_s": sum(est_s)}
+
+
+def read_timed_run(names: list[str], out: Path | None = None) -> dict:
+    """The record of the default zoo trained from scratch end to end (results/zoo/timed-run/run.py): its wall
+    time and whether each model's weights equalled its card's; refused where it trained another recipe."""
+    path = results_dir(out) / "timed-run" / "timed-run.json"
+    record = json.loads(path.read_text()) if path.exists() else {"models": {}}
+    stale = [n for n in names if record["models"].get(n, {}).get("recipe_hash") != recipe_hash(recipe(parse_name(n)))]
+    if stale:
+        raise UserError(f"{path.name} has no run of the current recipe of {', '.join(stale)}; fix: "
+                        "python results/zoo/timed-run/run.py (about 90 minutes on 2 cores)")
+    return record
 
 
 def fit_lr_rule(points: dict[int, list[tuple[float, float]]], default_exponent: float) -> dict:

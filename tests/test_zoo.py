@@ -176,6 +176,22 @@ def test_measured_budget_times_steps_of_each_model_and_trains_nothing(tiny, monk
         zoo.read_budget(names)
 
 
+def test_timed_run_is_read_only_for_the_recipes_it_trained(tiny):
+    """The end-to-end timing of the zoo (results/zoo/timed-run/) is quoted only for models it trained under
+    their current recipe; a model it lacks, or one whose recipe changed since, gets a one-line error."""
+    name = "tinyllama-s0"
+    path = zoo.results_dir() / "timed-run" / "timed-run.json"
+    path.parent.mkdir(parents=True)
+    trained = {"recipe_hash": zoo.recipe_hash(zoo.recipe(zoo.parse_name(name))), "same_weights": True}
+    path.write_text(json.dumps({"wall_s": 60.0, "models": {name: trained}}))
+    assert zoo.read_timed_run([name])["wall_s"] == 60.0
+    with pytest.raises(UserError, match="no run of the current recipe of tinyneox-s0; fix: python results/zoo"):
+        zoo.read_timed_run([name, "tinyneox-s0"])
+    zoo.FAMILIES["tinyllama"] = dataclasses.replace(zoo.FAMILIES["tinyllama"], lr_ref=0.5)  # a new recipe
+    with pytest.raises(UserError, match="no run of the current recipe of tinyllama-s0"):
+        zoo.read_timed_run([name])
+
+
 @pytest.mark.parametrize("name", ["tinyllama-s0", "tinygpt2-s0", "tinyneox-s0"])
 def test_card_rebuilt_from_final_weights_equals_the_first(tiny, name):
     """A deleted card is rebuilt from the trained weights (as a sweep's side-by-side runs are) with the same
