@@ -38,13 +38,15 @@ wall_s = time.perf_counter() - t0
 models = {}
 for name in names:
     fresh, committed = zoo.read_card(name, scratch / "cards"), zoo.read_card(name)
+    comparable = committed is not None and committed["recipe_hash"] == fresh["recipe_hash"]
     models[name] = {"recipe_hash": fresh["recipe_hash"], "wall_time_s": fresh["wall_time_s"],
                     "val_bpb": fresh["val_bpb"], "weights_sha256": fresh["weights_sha256"],
-                    "same_weights": committed is not None and fresh["weights_sha256"] == committed["weights_sha256"]}
+                    "same_weights": fresh["weights_sha256"] == committed["weights_sha256"] if comparable else None}  # None: no card to compare
 record = {"machine": zoo._cpu_name(), "cpu_cores": os.cpu_count(), "torch": torch.__version__, "jobs": args.jobs,
           "started_utc": started, "wall_s": wall_s, "cpu_s": sum(m["wall_time_s"] for m in models.values()),
-          "all_same_weights": all(m["same_weights"] for m in models.values()), "models": models}
+          "all_same_weights": all(m["same_weights"] is not False for m in models.values()), "models": models}
 with atomic_path(HERE / "timed-run.json") as tmp:
     tmp.write_text(strict_json(record))
 print(f"the zoo trained in {wall_s / 60:.1f} min on {record['machine']} ({args.jobs} at a time); "
-      f"weights equal to the committed cards: {sum(m['same_weights'] for m in models.values())} of {len(models)}")
+      f"weights equal to the committed cards: {sum(m['same_weights'] is True for m in models.values())} of "
+      f"{sum(m['same_weights'] is not None for m in models.values())} with a card of the same recipe ({len(models)} models)")
