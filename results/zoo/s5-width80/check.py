@@ -22,16 +22,17 @@ committed = [loss_table_path(exp.losses_dir, spec.removeprefix("zoo:"), keys[spe
 narrow = [p for p in sorted((HERE / "losses").glob("*.parquet"))
           if read_loss_table(p)[1]["corpus"]["fingerprint"] == fingerprint]  # the 80-wide s5 of each family
 m = load_matrix(committed + narrow)
-sizes = pd.DataFrame([{"family": p["model"]["name"].removeprefix("zoo:").split("-")[0],
+sizes = pd.DataFrame([{"family": zoo.parse_name(p["model"]["name"].removeprefix("zoo:")).family.name,
                        "n_params_non_embedding": p["model"]["n_params_non_embedding"]} for p in m.provenance])
 results = laws.family_laws(m, sizes, exp.bootstrap_resamples)
 bars = laws.quality_bars(results)
 ne = sizes["n_params_non_embedding"]
+decades = float(np.log10(ne.max() / ne.min()))
 cards = {c.stem: json.loads(c.read_text()) for c in sorted(HERE.glob("*-s5.json"))}
 write_json(HERE / "quality-bars.json", {
     "experiment": experiment_summary(exp), "quality_bars": bars.to_dict("records"),
-    "laws": {f: r.summary() for f, r in results.items()}, "decades": float(np.log10(ne.max() / ne.min())),
+    "laws": {f: r.summary() for f, r in results.items()}, "decades": decades,
     "brown_bpb": m.corpus_bpb().to_dict(), "s5_val_bpb": {n: c["val_bpb"] for n, c in cards.items()},
     "inputs": m.cache_keys()})
 print(bars.to_string(index=False))
-print(f"{np.log10(ne.max() / ne.min()):.2f} decades of non-embedding parameters; wrote {HERE / 'quality-bars.json'}")
+print(f"{decades:.2f} decades of non-embedding parameters; wrote {HERE / 'quality-bars.json'}")
