@@ -62,7 +62,7 @@ class Size:
 # One ladder of shapes for every family (head dimensions 8 or 16, as fused GPU attention kernels want).
 SIZES = {
     "s0": Size(16, 2, 2), "s1": Size(24, 2, 3), "s2": Size(32, 2, 2), "s3": Size(48, 2, 3), "s4": Size(64, 3, 4),
-    "s5": Size(96, 3, 6), "s6": Size(128, 4, 8), "s7": Size(192, 4, 12), "s8": Size(256, 5, 16),
+    "s5": Size(80, 3, 5), "s6": Size(128, 4, 8), "s7": Size(192, 4, 12), "s8": Size(256, 5, 16),
 }
 
 
