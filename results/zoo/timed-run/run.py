@@ -2,7 +2,7 @@
 weights equal the committed cards' (training on a CPU is deterministic): writes timed-run.json beside this file.
 
 Training runs as `mcl zoo train experiments/zoo.yaml` in a fresh cache and card folder (tokenized text included),
-so nothing committed or cached is touched or reused. About 90 minutes on 2 cores; run it on a machine doing
+so nothing committed or cached is touched or reused. 40 to 75 minutes on 2 cores; run it on a machine doing
 nothing else. Usage: python results/zoo/timed-run/run.py [--jobs N] [--scratch DIR]"""
 import argparse
 import datetime as dt

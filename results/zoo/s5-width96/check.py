@@ -1,7 +1,7 @@
-"""Quality bars of the default zoo with its largest size 80 wide instead of 96 (recipe v2 otherwise): s0 to s4
-from the committed loss tables, s5 from this folder's. Writes quality-bars.json beside this file.
+"""Quality bars of the default zoo with its largest size 96 wide, as it was before s5 became 80 wide (recipe v2):
+s0 to s4 from the committed loss tables, s5 from this folder's. Writes quality-bars.json beside this file.
 
-Usage (from the repository root): python results/zoo/s5-width80/check.py"""
+Usage (from the repository root): python results/zoo/s5-width96/check.py"""
 import json
 from pathlib import Path
 
@@ -20,7 +20,7 @@ keys = matrix.cache_keys()
 committed = [loss_table_path(exp.losses_dir, spec.removeprefix("zoo:"), keys[spec]) for spec in matrix.models
              if zoo.parse_name(spec.removeprefix("zoo:")).seed == 0 and not spec.endswith("-s5")]
 narrow = [p for p in sorted((HERE / "losses").glob("*.parquet"))
-          if read_loss_table(p)[1]["corpus"]["fingerprint"] == fingerprint]  # the 80-wide s5 of each family
+          if read_loss_table(p)[1]["corpus"]["fingerprint"] == fingerprint]  # the 96-wide s5 of each family
 m = load_matrix(committed + narrow)
 sizes = pd.DataFrame([{"family": zoo.parse_name(p["model"]["name"].removeprefix("zoo:")).family.name,
                        "n_params_non_embedding": p["model"]["n_params_non_embedding"]} for p in m.provenance])
