@@ -19,9 +19,9 @@ fingerprint = matrix.provenance[0]["corpus"]["fingerprint"]
 keys = matrix.cache_keys()
 committed = [loss_table_path(exp.losses_dir, spec.removeprefix("zoo:"), keys[spec]) for spec in matrix.models
              if zoo.parse_name(spec.removeprefix("zoo:")).seed == 0 and not spec.endswith("-s5")]
-narrow = [p for p in sorted((HERE / "losses").glob("*.parquet"))
+wide = [p for p in sorted((HERE / "losses").glob("*.parquet"))
           if read_loss_table(p)[1]["corpus"]["fingerprint"] == fingerprint]  # the 96-wide s5 of each family
-m = load_matrix(committed + narrow)
+m = load_matrix(committed + wide)
 sizes = pd.DataFrame([{"family": zoo.parse_name(p["model"]["name"].removeprefix("zoo:")).family.name,
                        "n_params_non_embedding": p["model"]["n_params_non_embedding"]} for p in m.provenance])
 results = laws.family_laws(m, sizes, exp.bootstrap_resamples)
