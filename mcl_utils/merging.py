@@ -367,7 +367,7 @@ def finetune(base: str, domain: str, device: str = "cpu", out: Path | None = Non
     run_dir = expert_run_dir(base, domain, rec)
     family = zoo.Family(**{**rec["family"], "mixture": tuple(map(tuple, rec["family"]["mixture"])),
                            "betas": tuple(rec["family"]["betas"])})
-    with file_lock(run_dir):
+    with file_lock(run_dir), zoo.hf_progress_bars(progress):  # transformers' bars only with ours
         final = run_dir / "final"
         if not (final / zoo.TRAIN_STATE).exists():
             tokenizer = zoo._load_tokenizer(zoo.family_tokenizer(model.family))
@@ -486,7 +486,8 @@ def run_part(settings: MergingSettings, samples: pd.DataFrame, size: str, method
     if threads:
         torch.set_num_threads(threads)
     base = f"{settings.family}-{size}"
-    loaded = load_model(f"zoo:{base}", device="cpu", dtype="float32")
+    with zoo.hf_progress_bars(progress):
+        loaded = load_model(f"zoo:{base}", device="cpu", dtype="float32")
     base_state = load_state(zoo.weights_dir(base))
     texts, ids = samples["text"].tolist(), samples["sample_id"].tolist()
     rows, batches, _ = prepare(loaded, texts, ids, None, None)

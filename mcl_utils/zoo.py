@@ -595,12 +595,12 @@ def train(name: str, device: str = "cpu", out: Path | None = None, lr: float | N
         torch.set_num_threads(threads)
     rec = recipe(model, lr)
     run_dir = checkpoint_dir(model, rec)
-    with file_lock(run_dir), _hf_progress_bars(progress):  # a second process training it waits, then finds it
+    with file_lock(run_dir), hf_progress_bars(progress):  # a second process training it waits, then finds it
         return _train_locked(model, rec, run_dir, dev, out, checkpoint_every, progress, stop_after, write, log)
 
 
 @contextlib.contextmanager
-def _hf_progress_bars(enabled: bool) -> Iterator[None]:
+def hf_progress_bars(enabled: bool) -> Iterator[None]:
     """Show transformers' own progress bars (saving and loading weights) only when ours are shown."""
     from transformers.utils import logging as hf_logging
 
@@ -1134,6 +1134,13 @@ def cards_table(names: Iterable[str], out: Path | None = None) -> pd.DataFrame:
             raise UserError(f"{name} has no zoo card; fix: run `{train_command(name.removeprefix('zoo:'))}`")
         rows.append({k: card[k] for k in CARD_FIELDS})
     return pd.DataFrame(rows)
+
+
+def provenance_sizes(matrix: object) -> pd.DataFrame:
+    """Family and non-embedding parameters of each zoo model of a loss matrix, read from its loss tables'
+    provenance (so archived models, whose cards are not in results/zoo, can be fitted like current ones)."""
+    return pd.DataFrame([{"family": parse_name(p["model"]["name"].removeprefix("zoo:")).family.name,
+                          "n_params_non_embedding": p["model"]["n_params_non_embedding"]} for p in matrix.provenance])
 
 
 def training_logs(names: Iterable[str], out: Path | None = None) -> pd.DataFrame:

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from mcl_utils import laws, zoo
 from mcl_utils.pipeline import experiment_matrix, experiment_summary, load_experiment, write_json
@@ -22,8 +21,7 @@ committed = [loss_table_path(exp.losses_dir, spec.removeprefix("zoo:"), keys[spe
 wide = [p for p in sorted((HERE / "losses").glob("*.parquet"))
           if read_loss_table(p)[1]["corpus"]["fingerprint"] == fingerprint]  # the 96-wide s5 of each family
 m = load_matrix(committed + wide)
-sizes = pd.DataFrame([{"family": zoo.parse_name(p["model"]["name"].removeprefix("zoo:")).family.name,
-                       "n_params_non_embedding": p["model"]["n_params_non_embedding"]} for p in m.provenance])
+sizes = zoo.provenance_sizes(m)
 results = laws.family_laws(m, sizes, exp.bootstrap_resamples)
 bars = laws.quality_bars(results)
 ne = sizes["n_params_non_embedding"]
