@@ -19,7 +19,7 @@ keys = matrix.cache_keys()
 committed = [loss_table_path(exp.losses_dir, spec.removeprefix("zoo:"), keys[spec]) for spec in matrix.models
              if zoo.parse_name(spec.removeprefix("zoo:")).seed == 0 and not spec.endswith("-s5")]
 wide = [p for p in sorted((HERE / "losses").glob("*.parquet"))
-          if read_loss_table(p)[1]["corpus"]["fingerprint"] == fingerprint]  # the 96-wide s5 of each family
+        if read_loss_table(p)[1]["corpus"]["fingerprint"] == fingerprint]  # the 96-wide s5 of each family
 m = load_matrix(committed + wide)
 sizes = zoo.provenance_sizes(m)
 results = laws.family_laws(m, sizes, exp.bootstrap_resamples)
